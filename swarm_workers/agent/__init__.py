@@ -1,0 +1,1 @@
+"""The agent loop: LLM calls, tool calls, budgets. Plain Python, no Celery."""

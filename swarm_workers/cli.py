@@ -1,0 +1,177 @@
+"""`swarm`: the operator's and producer's command line, a thin layer over the client."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from swarm_workers.config import Settings, load_settings
+from swarm_workers.errors import SwarmError
+from swarm_workers.models import Priority
+from swarm_workers.queues import ALL_PRIORITIES, queue_name
+
+app = typer.Typer(
+    help="Run and feed a fleet of LLM agent workers on Celery and Redis.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", envvar="SWARM_CONFIG", help="swarm.toml to read.", show_default=False
+    ),
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except SwarmError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _priorities(text: str) -> list[Priority]:
+    try:
+        return [Priority(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use a comma list of p0, p1, p2") from None
+
+
+@app.command()
+def worker(
+    role: Annotated[list[str], typer.Option("--role", "-r", help="Role to serve (repeatable).")],
+    priorities: Annotated[
+        str, typer.Option(help="Levels to serve, e.g. 'p0' for an express worker.")
+    ] = "p0,p1,p2",
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency", "-n", min=1, help="Threads in the pool (default: the role's)."
+        ),
+    ] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Start a worker that drains its roles' queues in strict priority order (P0 first)."""
+    from swarm_workers.worker import run_worker
+
+    settings = _settings(config)
+    try:
+        run_worker(
+            settings,
+            role,
+            _priorities(priorities),
+            concurrency=concurrency,
+            loglevel=loglevel,
+            hostname=hostname,
+        )
+    except SwarmError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Argument(help="The task's prompt ('-' reads stdin).")],
+    role: Annotated[str | None, typer.Option("--role", "-r", help="Role (default: first).")] = None,
+    priority: Annotated[
+        str | None, typer.Option("--priority", "-p", help="P0, P1 or P2 (default: the role's).")
+    ] = None,
+    budget: Annotated[int | None, typer.Option(help="Output-token budget for the task.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 300.0,
+    config: ConfigOption = None,
+) -> None:
+    """Enqueue one agent task and print its id (or, with --wait, its result as JSON)."""
+    from swarm_workers.client import SwarmClient
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    try:
+        with SwarmClient(settings=_settings(config)) as client:
+            handle = client.submit(text, role=role, priority=priority, budget=budget)
+            if not wait:
+                typer.echo(handle.id)
+                return
+            result = handle.result(timeout=timeout)
+    except SwarmError as exc:
+        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+        raise typer.Exit(2) from None
+    typer.echo(result.model_dump_json(indent=2))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def task(
+    task_id: Annotated[str, typer.Argument(help="A task id printed by submit.")],
+    config: ConfigOption = None,
+) -> None:
+    """Show one task's state and, once done, its result as JSON."""
+    from swarm_workers.client import SwarmClient
+
+    with SwarmClient(settings=_settings(config)) as client:
+        typer.echo(client.status(task_id).model_dump_json(indent=2))
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Queue depth per role and priority (the Redis lists the workers drain)."""
+    from swarm_workers.runtime import redis_client
+
+    settings = _settings(config)
+    client = redis_client(settings.redis_url)
+    pipe = client.pipeline()
+    names = [queue_name(p, r) for r in settings.roles for p in ALL_PRIORITIES]
+    for name in names:
+        pipe.llen(name)
+    depths = dict(zip(names, pipe.execute(), strict=True))
+    if as_json:
+        typer.echo(json.dumps({"queues": depths}, indent=2))
+        return
+    table = Table(title="queue depth")
+    table.add_column("role")
+    for p in ALL_PRIORITIES:
+        table.add_column(p.value, justify="right")
+    for role in settings.roles:
+        table.add_row(role, *(str(depths[queue_name(p, role)]) for p in ALL_PRIORITIES))
+    Console().print(table)
+
+
+@app.command()
+def healthcheck(
+    max_age: Annotated[float, typer.Option(help="Fail if the heartbeat is older (s).")] = 60.0,
+    config: ConfigOption = None,
+) -> None:
+    """Liveness probe: exit 0 if this machine's worker polled the broker recently."""
+    from swarm_workers.worker import heartbeat_age
+
+    path = _settings(config).worker.heartbeat_file
+    age = heartbeat_age(path)
+    if age is None or age > max_age:
+        console.print(
+            f"unhealthy: heartbeat {path} " + ("missing" if age is None else f"{age:.0f}s old")
+        )
+        raise typer.Exit(1)
+    typer.echo(f"ok: heartbeat {age:.1f}s old")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

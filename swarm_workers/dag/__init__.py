@@ -1,0 +1,1 @@
+"""Swarms as DAGs of agent tasks, compiled to Celery canvases."""

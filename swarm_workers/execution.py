@@ -1,0 +1,120 @@
+"""From a wire payload to a recorded `TaskResult`: the body of every agent task.
+
+Plain Python, no Celery: decode, count the delivery, run the agent, time it, and
+store the outcome under the task id before returning it. A redelivered task whose
+outcome is already stored returns that very outcome without calling the model again;
+that is what makes chord header tasks idempotent (the Redis backend's ordered chord
+set then sees the same member twice and counts it once).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from swarm_workers.errors import SwarmError
+from swarm_workers.models import AgentTask, ErrorInfo, TaskResult, Timings, utcnow
+from swarm_workers.runtime import Runtime
+
+__all__ = ["execute"]
+
+log = logging.getLogger(__name__)
+
+
+def execute(payload: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
+    """Run one task payload and return its wire result (never raises for agent errors)."""
+    try:
+        task = AgentTask.from_wire(payload)
+    except ValidationError as exc:
+        # A payload this build cannot read is recorded as failed, not retried forever.
+        started = utcnow()
+        task_id = str(payload.get("id", "unknown")) if isinstance(payload, dict) else "unknown"
+        log.error("task %s: undecodable payload: %s", task_id, exc.errors()[0]["msg"])
+        return TaskResult(
+            task_id=task_id,
+            role=str(payload.get("role", "?")),
+            priority="P2",
+            status="failed",
+            stop_reason="error",
+            error=ErrorInfo(type="InvalidPayload", message=str(exc.errors()[0]["msg"])),
+            worker=runtime.worker_name,
+            timings=Timings(submitted_at=started, started_at=started, finished_at=started),
+        ).to_wire()
+
+    stored = runtime.redis.get(runtime.key("result", task.id))
+    if stored is not None:
+        log.info("task %s: already recorded, returning the stored result", task.id)
+        return TaskResult.model_validate_json(stored).to_wire()
+
+    attempts = _count_attempt(runtime, task)
+    started = utcnow()
+    if attempts > runtime.settings.worker.max_attempts:
+        result = _failed(
+            task,
+            runtime,
+            started,
+            attempts,
+            "TooManyAttempts",
+            f"delivered {attempts} times; the worker running it died each time",
+        )
+    else:
+        log.info("start %s attempt=%d", task.redacted(), attempts)
+        try:
+            result = _run(task, runtime, started, attempts)
+        except SwarmError as exc:
+            result = _failed(task, runtime, started, attempts, type(exc).__name__, str(exc))
+    return _record(runtime, result)
+
+
+def _run(task: AgentTask, runtime: Runtime, started: Any, attempts: int) -> TaskResult:
+    # Echo body: replaced by the agent loop.
+    text = task.prompt if task.prompt is not None else (task.messages or ())[-1].content
+    return TaskResult(
+        task_id=task.id,
+        role=task.role,
+        priority=task.priority,
+        status="succeeded",
+        output=text,
+        attempts=attempts,
+        worker=runtime.worker_name,
+        timings=Timings(submitted_at=task.submitted_at, started_at=started, finished_at=utcnow()),
+    )
+
+
+def _failed(
+    task: AgentTask, runtime: Runtime, started: Any, attempts: int, kind: str, message: str
+) -> TaskResult:
+    log.warning("task %s failed: %s: %s", task.id, kind, message)
+    return TaskResult(
+        task_id=task.id,
+        role=task.role,
+        priority=task.priority,
+        status="failed",
+        stop_reason="error",
+        error=ErrorInfo(type=kind, message=message),
+        attempts=attempts,
+        worker=runtime.worker_name,
+        timings=Timings(submitted_at=task.submitted_at, started_at=started, finished_at=utcnow()),
+    )
+
+
+def _count_attempt(runtime: Runtime, task: AgentTask) -> int:
+    key = runtime.key("attempts", task.id)
+    ttl = runtime.settings.worker.visibility_timeout_s * (runtime.settings.worker.max_attempts + 1)
+    pipe = runtime.redis.pipeline()
+    pipe.incr(key)
+    pipe.expire(key, ttl)
+    count, _ = pipe.execute()
+    return int(count)
+
+
+def _record(runtime: Runtime, result: TaskResult) -> dict[str, Any]:
+    """Store first, then return what is stored: a racing twin returns the same bytes."""
+    key = runtime.key("result", result.task_id)
+    pipe = runtime.redis.pipeline()
+    pipe.set(key, result.model_dump_json(), nx=True, ex=runtime.settings.limits.result_ttl_s)
+    pipe.get(key)
+    _, stored = pipe.execute()
+    return TaskResult.model_validate_json(stored).to_wire()

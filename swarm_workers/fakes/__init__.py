@@ -1,0 +1,1 @@
+"""Fakes a user would also run: peers over HTTP that import nothing from swarm_workers."""

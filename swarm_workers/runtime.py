@@ -1,0 +1,59 @@
+"""What one worker process holds for all its pool threads, built once, shared.
+
+Nothing in here is state another worker needs: counters, locks and caches that matter
+to the fleet live in Redis; this is connection pools and clients only.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+import redis
+
+from swarm_workers.config import Settings
+from swarm_workers.ratelimit.base import Limiter, build_limiter
+from swarm_workers.tools.base import Toolset
+from swarm_workers.tools.registry import build_toolset
+
+__all__ = ["Runtime", "redis_client"]
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A thread-safe client with a pool big enough for a threads pool."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=30,
+        socket_connect_timeout=5,
+        health_check_interval=25,
+        max_connections=1024,
+        decode_responses=False,
+    )
+
+
+@dataclass
+class Runtime:
+    """Per-process resources, built lazily on the first task and reused."""
+
+    settings: Settings
+    redis: redis.Redis
+    tools: Toolset
+    limiter: Limiter
+    worker_name: str = field(default_factory=socket.gethostname)
+
+    @classmethod
+    def build(cls, settings: Settings, worker_name: str | None = None) -> Runtime:
+        client = redis_client(settings.redis_url)
+        return cls(
+            settings=settings,
+            redis=client,
+            tools=build_toolset(settings, client),
+            limiter=build_limiter(settings, client),
+            worker_name=worker_name or socket.gethostname(),
+        )
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.settings.key_prefix, *parts))
+
+    def close(self) -> None:
+        self.redis.close()
