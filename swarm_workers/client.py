@@ -19,7 +19,6 @@ from swarm_workers.config import Settings, load_settings
 from swarm_workers.errors import InvalidTask, PayloadTooLarge, ResultTimeout
 from swarm_workers.models import (
     AgentTask,
-    ChatMessage,
     ErrorInfo,
     Priority,
     TaskResult,
@@ -99,7 +98,7 @@ class SwarmClient:
             "role": role,
             "priority": level,
             "prompt": prompt,
-            "messages": None if messages is None else [ChatMessage(**m) for m in messages],
+            "messages": None if messages is None else [dict(m) for m in messages],
             "output_budget": budget if budget is not None else role_settings.budget_for(level),
             "deps": tuple(deps),
             "metadata": dict(metadata or {}),

@@ -1,0 +1,78 @@
+"""A worker killed mid-task loses nothing; a worker told to stop finishes first.
+
+Each task here is one call to the fake provider with 3 s latency, so there is a
+window to kill or stop the worker while the task runs.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from swarm_workers.client import SwarmClient
+from swarm_workers.config import load_settings
+from swarm_workers.models import TaskState
+
+from .conftest import FakeLLM, WorkerFactory, spawn_fake_llm, wait_until
+
+pytestmark = pytest.mark.slow
+
+# Short enough for a test; the production default is an hour (see README).
+WORKER = {"visibility_timeout_s": 8, "task_time_limit_s": 7}
+
+
+@pytest.fixture
+def slow_llm() -> Iterator[FakeLLM]:
+    fake = spawn_fake_llm("--latency-ms", "3000")
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def setup(
+    redis_url: str, swarm_config: object, slow_llm: FakeLLM, start_worker: WorkerFactory
+) -> Iterator[tuple[SwarmClient, Path]]:
+    config: Path = swarm_config(roles={"default": {"concurrency": 1}}, worker=WORKER)  # type: ignore[operator]
+    start_worker.env["SWARM_LLM_BASE_URL"] = slow_llm.base_url
+    with SwarmClient(settings=load_settings(config, redis_url=redis_url)) as client:
+        yield client, config
+
+
+def test_sigkill_mid_task_runs_it_again_elsewhere(
+    setup: tuple[SwarmClient, Path], start_worker: WorkerFactory, redis_conn: redis.Redis
+) -> None:
+    client, config = setup
+    doomed = start_worker(config=config, concurrency=1)
+    handle = client.submit("survive a crash", priority="P1")
+    wait_until(lambda: handle.status().state is TaskState.RUNNING, 20, "the task to start")
+    doomed.signal(signal.SIGKILL)
+    assert doomed.wait(10) == -signal.SIGKILL
+    assert redis_conn.hlen("unacked") == 1  # held for the dead worker, not lost
+
+    start_worker(config=config, concurrency=1)
+    result = handle.result(timeout=60)
+    assert result.ok, result.error
+    assert result.attempts == 2
+    assert redis_conn.hlen("unacked") == 0
+
+
+def test_sigterm_finishes_the_running_task_and_exits_zero(
+    setup: tuple[SwarmClient, Path], start_worker: WorkerFactory, redis_conn: redis.Redis
+) -> None:
+    client, config = setup
+    worker = start_worker(config=config, concurrency=1)
+    running = client.submit("finish me", priority="P1")
+    waiting = client.submit("leave me queued", priority="P1")
+    wait_until(lambda: running.status().state is TaskState.RUNNING, 20, "the task to start")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.output()[-2000:]
+
+    result = running.result(timeout=5)
+    assert result.ok and result.attempts == 1
+    assert waiting.status().state is TaskState.QUEUED
+    assert redis_conn.llen("p1.default") == 1
+    assert redis_conn.hlen("unacked") == 0
