@@ -169,6 +169,53 @@ def healthcheck(
     typer.echo(f"ok: heartbeat {age:.1f}s old")
 
 
+@app.command()
+def exporter(
+    port: Annotated[int, typer.Option(help="Port of /metrics.")] = 9809,
+    interval: Annotated[float, typer.Option(help="Seconds between reads.")] = 5.0,
+    config: ConfigOption = None,
+) -> None:
+    """Export queue depth per role and priority to Prometheus (run one per fleet)."""
+    import signal
+    import threading
+
+    from swarm_workers.exporter import run_exporter
+    from swarm_workers.runtime import redis_client
+
+    settings = _settings(config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print(f"exporting queue depth on :{port}/metrics every {interval}s")
+    try:
+        run_exporter(
+            settings, redis_client(settings.redis_url), port=port, interval_s=interval, stop=stop
+        )
+    except KeyboardInterrupt:
+        stop.set()
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def flower(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5555,
+    config: ConfigOption = None,
+) -> None:
+    """Start Flower on the fleet's broker. Basic auth from FLOWER_BASIC_AUTH=user:pass.
+
+    Task arguments show as a redacted summary (role, priority, id, prompt length):
+    producers set Celery's argsrepr, never the prompt. Extra options go to Flower.
+    """
+    import os
+
+    from swarm_workers.celery_app import create_app
+
+    settings = _settings(config)
+    argv = ["flower", f"--port={port}", *ctx.args]
+    if os.environ.get("FLOWER_BASIC_AUTH"):
+        argv.append(f"--basic-auth={os.environ['FLOWER_BASIC_AUTH']}")
+    create_app(settings).start(argv=argv)
+
+
 def main() -> None:
     app()
 

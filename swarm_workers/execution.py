@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from swarm_workers.errors import SwarmError
+from swarm_workers.metrics import observe_result
 from swarm_workers.models import AgentTask, ErrorInfo, TaskResult, Timings, utcnow
 from swarm_workers.runtime import Runtime
 
@@ -65,7 +66,10 @@ def execute(payload: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
             result = _run(task, runtime, started, attempts)
         except SwarmError as exc:
             result = _failed(task, runtime, started, attempts, type(exc).__name__, str(exc))
-    return _record(runtime, result)
+    recorded = _record(runtime, result)
+    if recorded == result:  # a racing twin's outcome was counted by its own worker
+        observe_result(result)
+    return recorded.to_wire()
 
 
 def _run(task: AgentTask, runtime: Runtime, started: Any, attempts: int) -> TaskResult:
@@ -110,11 +114,11 @@ def _count_attempt(runtime: Runtime, task: AgentTask) -> int:
     return int(count)
 
 
-def _record(runtime: Runtime, result: TaskResult) -> dict[str, Any]:
+def _record(runtime: Runtime, result: TaskResult) -> TaskResult:
     """Store first, then return what is stored: a racing twin returns the same bytes."""
     key = runtime.key("result", result.task_id)
     pipe = runtime.redis.pipeline()
     pipe.set(key, result.model_dump_json(), nx=True, ex=runtime.settings.limits.result_ttl_s)
     pipe.get(key)
     _, stored = pipe.execute()
-    return TaskResult.model_validate_json(stored).to_wire()
+    return TaskResult.model_validate_json(stored)

@@ -21,13 +21,14 @@ from typing import Any
 
 from celery import bootsteps
 
+from swarm_workers import metrics
 from swarm_workers.celery_app import SwarmCelery, create_app
 from swarm_workers.config import Settings
 from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, worker_queues
 from swarm_workers.runtime import redis_client
 
-__all__ = ["Heartbeat", "heartbeat_age", "run_worker", "worker_argv"]
+__all__ = ["Heartbeat", "MetricsEndpoint", "heartbeat_age", "run_worker", "worker_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,16 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
             self._timer.cancel()
         if self._redis is not None:
             self._redis.close()
+
+
+class MetricsEndpoint(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Serves this process's Prometheus metrics when `worker.metrics_port` is set."""
+
+    def start(self, parent: Any) -> None:
+        port = parent.app.swarm_settings.worker.metrics_port
+        if port is not None:
+            metrics.serve(port)
+            log.info("metrics on :%d/metrics", port)
 
 
 def heartbeat_age(path: Path) -> float | None:
@@ -106,6 +117,7 @@ def build_worker_app(settings: Settings, roles: Sequence[str]) -> SwarmCelery:
         settings.role(role)  # UnknownRole before anything starts
     app = create_app(settings)
     app.steps["consumer"].add(Heartbeat)
+    app.steps["worker"].add(MetricsEndpoint)
     return app
 
 

@@ -1,0 +1,123 @@
+"""What operators look at: worker /metrics, the depth exporter, Flower's API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from swarm_workers.client import SwarmClient
+from swarm_workers.config import load_settings
+
+from .conftest import ROOT, WorkerFactory, free_port, wait_until
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[SwarmClient]:
+    with SwarmClient(settings=load_settings(None, redis_url=redis_url)) as client:
+        yield client
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "swarm_workers.cli", *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_worker_metrics_move_after_a_task(start_worker: WorkerFactory, client: SwarmClient) -> None:
+    port = free_port()
+    start_worker(env={"SWARM_WORKER_METRICS_PORT": str(port)})
+    url = f"http://127.0.0.1:{port}/metrics"
+    before = _sample(
+        httpx.get(url).text, "swarm_tasks_total", role="default", priority="P0", outcome="succeeded"
+    )
+    assert before is None
+    assert client.submit("count me", priority="P0").result(timeout=30).ok
+    text = httpx.get(url).text
+    assert (
+        _sample(text, "swarm_tasks_total", role="default", priority="P0", outcome="succeeded")
+        == 1.0
+    )
+    assert _sample(text, "swarm_task_run_seconds_count", role="default", priority="P0") == 1.0
+
+
+def test_exporter_reports_queue_depth(redis_url: str, client: SwarmClient) -> None:
+    for i in range(3):
+        client.submit(f"waiting {i}", priority="P2")
+    port = free_port()
+    proc = _spawn(["exporter", "--port", str(port), "--interval", "0.2"], {"REDIS_URL": redis_url})
+    try:
+
+        def depth() -> float | None:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+            except httpx.HTTPError:
+                return None
+            return _sample(text, "swarm_queue_depth", role="default", priority="P2")
+
+        wait_until(lambda: depth() == 3.0, 20, "the exporter to report 3 queued P2 tasks")
+    finally:
+        _stop(proc)
+
+
+def test_flower_shows_a_task_with_redacted_args(
+    redis_url: str, start_worker: WorkerFactory, client: SwarmClient
+) -> None:
+    port = free_port()
+    proc = _spawn(
+        ["flower", "--port", str(port)], {"REDIS_URL": redis_url, "FLOWER_BASIC_AUTH": "ops:s3cret"}
+    )
+    base = f"http://127.0.0.1:{port}"
+    auth = ("ops", "s3cret")
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/api/workers", auth=auth, timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 30, "Flower to serve its API")
+        assert httpx.get(f"{base}/api/tasks", timeout=2).status_code == 401
+        start_worker()
+        handle = client.submit("the confidential merger memo", priority="P1")
+        assert handle.result(timeout=30).ok
+
+        def info() -> dict[str, object] | None:
+            response = httpx.get(f"{base}/api/task/info/{handle.id}", auth=auth, timeout=2)
+            body = response.json() if response.status_code == 200 else None
+            return body if body and body.get("state") == "SUCCESS" else None
+
+        wait_until(lambda: info() is not None, 30, "Flower to see the task succeed")
+        task = info()
+        assert task is not None
+        assert task["name"] == "swarm.run_agent"
+        assert "role=default" in str(task["args"])
+        assert "confidential" not in str(task["args"])
+    finally:
+        _stop(proc)
