@@ -94,11 +94,11 @@ def observe_result(result: TaskResult) -> None:
         LLM_TOKENS.labels(model, "prompt").inc(result.usage.prompt_tokens)
         LLM_TOKENS.labels(model, "completion").inc(result.usage.completion_tokens)
         LLM_COST.labels(model).inc(result.cost_usd)
-    for call in result.tool_calls:
-        server = call.name.split("__", 1)[0] if "__" in call.name else "unknown"
-        TOOL_CALLS.labels(server, "ok" if call.ok else "error").inc()
+    for tool in result.tool_calls:
+        server = tool.name.split("__", 1)[0] if "__" in tool.name else "unknown"
+        TOOL_CALLS.labels(server, "ok" if tool.ok else "error").inc()
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104  (scraped from the pod IP)
-    """Expose /metrics on `port` from a daemon thread."""
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Expose /metrics on `port` from a daemon thread (all interfaces: scraped by pod IP)."""
     start_http_server(port, addr=addr, registry=REGISTRY)

@@ -297,9 +297,10 @@ def _filler(seed: str, tokens: int) -> str:
     if tokens <= 0:
         return ""
     rng = random.Random(seed)
-    words: list[str] = []
-    while sum(len(w) + 1 for w in words) < 4 * tokens:
+    words, size = [], 0
+    while size < 4 * tokens:
         words.append(rng.choice(_WORDS))
+        size += len(words[-1]) + 1
     return " ".join(words)[: 4 * tokens - 1] + "."
 
 
