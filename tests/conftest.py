@@ -8,10 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,24 +19,11 @@ import httpx
 import pytest
 import redis
 
+from swarm_workers.processes import free_port, wait_until
+
+__all__ = ["ROOT", "free_port", "wait_until"]
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------- Redis
@@ -291,14 +276,6 @@ class WorkerFactory:
             worker.stop()
 
 
-@pytest.fixture
-def start_worker(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
-    """Start real `swarm worker` processes; all are stopped after the test."""
-    factory = WorkerFactory(redis_url=redis_url, tmp_path=tmp_path)
-    yield factory
-    factory.stop_all()
-
-
 # --------------------------------------------------------------------------- fake provider
 
 
@@ -360,7 +337,31 @@ def spawn_fake_llm(*flags: str) -> FakeLLM:
 
 @pytest.fixture
 def fake_llm() -> Iterator[FakeLLM]:
-    """The shipped fake OpenAI-compatible provider, 5 ms latency, no limits."""
+    """A fake OpenAI-compatible provider of this test's own (5 ms, no limits)."""
     fake = spawn_fake_llm("--latency-ms", "5")
     yield fake
     fake.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_fake_llm() -> Iterator[FakeLLM]:
+    """One fake provider for every test that only needs answers (no faults, no stats)."""
+    fake = spawn_fake_llm("--latency-ms", "5")
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def start_worker(
+    redis_url: str, tmp_path: Path, shared_fake_llm: FakeLLM
+) -> Iterator[WorkerFactory]:
+    """Start real `swarm worker` processes; all are stopped after the test.
+
+    Workers talk to a session-wide fake provider unless a test sets
+    `start_worker.env["SWARM_LLM_BASE_URL"]` to its own.
+    """
+    factory = WorkerFactory(
+        redis_url=redis_url, tmp_path=tmp_path, env={"SWARM_LLM_BASE_URL": shared_fake_llm.base_url}
+    )
+    yield factory
+    factory.stop_all()
