@@ -1,0 +1,143 @@
+"""Fleet throughput: tasks/s through real workers, real Redis, the fake provider.
+
+Each task is one agent loop with one chat-completions call to the fake provider at a
+fixed latency; workers are `swarm worker` processes with a threads pool. The clock runs
+from the first task start to the last task finish, read from the recorded results.
+
+    python bench/bench_throughput.py --tasks 5000 --workers 1 --concurrency 500 --latency-ms 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import redis
+
+from swarm_workers.client import SwarmClient
+from swarm_workers.config import load_settings
+from swarm_workers.processes import ProcessGroup, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--concurrency", type=int, default=500, help="threads per worker")
+    parser.add_argument("--latency-ms", type=float, default=1000.0, help="fake LLM latency")
+    parser.add_argument("--producers", type=int, default=8, help="submitting threads")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
+        redis_port, llm_port = free_port(), free_port()
+        redis_bin = shutil.which("redis-server") or sys.exit("redis-server is not on PATH")
+        group.spawn(
+            "redis",
+            [
+                redis_bin,
+                "--port",
+                str(redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxclients",
+                "20000",
+            ],
+        )
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        conn = redis.Redis.from_url(url)
+        wait_until(lambda: _answers(conn), 10, "redis")
+        group.spawn(
+            "fake-llm",
+            [
+                sys.executable,
+                "-m",
+                "swarm_workers.fakes.llm_server",
+                "--port",
+                str(llm_port),
+                "--latency-ms",
+                str(args.latency_ms),
+            ],
+        )
+        base = f"http://127.0.0.1:{llm_port}/v1"
+        wait_until(lambda: _http_ok(f"{base}/models"), 20, "the fake provider")
+        env = {
+            "REDIS_URL": url,
+            "SWARM_LLM_BASE_URL": base,
+            "SWARM_WORKER_HEARTBEAT_FILE": f"{tmp}/hb",
+            "SWARM_RATELIMIT_ENABLED": "false",
+        }
+        for i in range(args.workers):
+            group.spawn(
+                f"worker-{i}",
+                [
+                    sys.executable,
+                    "-m",
+                    "swarm_workers.cli",
+                    "worker",
+                    "--role",
+                    "default",
+                    "--concurrency",
+                    str(args.concurrency),
+                    "--loglevel",
+                    "WARNING",
+                    "--hostname",
+                    f"bench{i}@%h",
+                ],
+                env=env,
+                cwd=ROOT,
+            )
+        wait_until(lambda: Path(f"{tmp}/hb").exists(), 30, "a worker heartbeat")
+        time.sleep(1.0)
+
+        settings = load_settings(None, redis_url=url)
+        with SwarmClient(settings=settings) as client:
+            tasks = [client.build_task(f"bench task {i}", priority="P1") for i in range(args.tasks)]
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.producers) as pool:
+                list(pool.map(client.enqueue, tasks))
+            submit_s = time.perf_counter() - t0
+            results = [client.result(t.id, timeout=600) for t in tasks]
+        failed = sum(not r.ok for r in results)
+        first = min(r.timings.started_at for r in results)
+        last = max(r.timings.finished_at for r in results)
+        span = (last - first).total_seconds()
+        waits = sorted(r.timings.queue_wait_s for r in results)
+        print(
+            f"tasks={args.tasks} workers={args.workers} threads/worker={args.concurrency} "
+            f"llm_latency_ms={args.latency_ms:g}"
+        )
+        print(f"  submit: {args.tasks / submit_s:8.0f} tasks/s  ({submit_s:.2f} s)")
+        print(f"  drain:  {args.tasks / span:8.0f} tasks/s  ({span:.2f} s, failed={failed})")
+        print(
+            f"  queue wait p50={waits[len(waits) // 2]:.2f}s p99={waits[int(len(waits) * 0.99)]:.2f}s"
+        )
+        print(f"  = {args.tasks / span * 86400 / 1e6:.1f} M tasks/day")
+        return 1 if failed else 0
+
+
+def _answers(conn: redis.Redis) -> bool:
+    try:
+        return bool(conn.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
