@@ -5,22 +5,52 @@
 >>> client.submit("Summarise X", priority="P0").result(timeout=60).output  # doctest: +SKIP
 """
 
-from swarm_workers.client import SwarmClient, TaskHandle
-from swarm_workers.config import Settings, load_settings
-from swarm_workers.errors import (
-    Backpressure,
-    ConfigError,
-    DagError,
-    InvalidTask,
-    PayloadTooLarge,
-    ProviderError,
-    RateLimited,
-    ResultTimeout,
-    SwarmError,
-    ToolError,
-    UnknownRole,
-)
-from swarm_workers.models import AgentTask, Priority, TaskResult, TaskState, TaskStatus
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from swarm_workers.client import SwarmClient, TaskHandle
+    from swarm_workers.config import Settings, load_settings
+    from swarm_workers.errors import (
+        Backpressure,
+        ConfigError,
+        DagError,
+        InvalidTask,
+        PayloadTooLarge,
+        ProviderError,
+        RateLimited,
+        ResultTimeout,
+        SwarmError,
+        ToolError,
+        UnknownRole,
+    )
+    from swarm_workers.models import AgentTask, Priority, TaskResult, TaskState, TaskStatus
+
+# Imported on first use: `python -m swarm_workers.fakes...` must not pay for Celery.
+_EXPORTS = {
+    "AgentTask": "models",
+    "Backpressure": "errors",
+    "ConfigError": "errors",
+    "DagError": "errors",
+    "InvalidTask": "errors",
+    "PayloadTooLarge": "errors",
+    "Priority": "models",
+    "ProviderError": "errors",
+    "RateLimited": "errors",
+    "ResultTimeout": "errors",
+    "Settings": "config",
+    "SwarmClient": "client",
+    "SwarmError": "errors",
+    "TaskHandle": "client",
+    "TaskResult": "models",
+    "TaskState": "models",
+    "TaskStatus": "models",
+    "ToolError": "errors",
+    "UnknownRole": "errors",
+    "load_settings": "config",
+}
 
 __all__ = [
     "AgentTask",
@@ -44,3 +74,11 @@ __all__ = [
     "UnknownRole",
     "load_settings",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'swarm_workers' has no attribute {name!r}") from None
+    return getattr(importlib.import_module(f"swarm_workers.{module}"), name)

@@ -6,8 +6,8 @@ server instead. It is a peer over HTTP and imports nothing from ``swarm_workers`
 Endpoints (``/v1/*`` checks the bearer key when one is configured):
     POST /v1/chat/completions  non-streaming only; ``stream: true`` answers 400
     GET  /v1/models            the configured model ids (any model name is accepted and echoed)
-    GET  /_fake/stats          counters, see ``Stats``; ``POST /_fake/reset`` zeroes them and
-                               clears the rate windows, pending faults and the latency RNG
+    GET  /_fake/stats          counters, see ``Stats``; ``POST /_fake/reset`` zeroes them,
+                               clears rate windows and pending faults, reseeds latency
     POST /_fake/faults         ``{"status": 503, "count": 2, "retry_after": 0.2}``: the next
                                ``count`` chat requests answer ``status`` (after the key check)
 
@@ -25,7 +25,8 @@ Directives, read from the LAST user message; its "turn" is every message after i
     CALL_BAD name {"a": 1}  the same, but the first call's arguments are invalid JSON; once a
                             tool message answers it (the agent's error report), the call is
                             made again with the given arguments
-    REPLY_LEN n             a text reply of exactly n tokens (final answers are padded to n)
+    REPLY_LEN n             a text reply of exactly n tokens (final answers are padded to n;
+                            n <= 200000); for budget stops
 Rules, first match wins (``tool_choice: "none"`` disables CALL directives):
     1. a directive names a tool that is not in ``tools`` -> text "Tool not offered: ..."
     2. no assistant ``tool_calls`` in the turn yet -> ``tool_calls`` for every directive,
@@ -147,6 +148,8 @@ class FaultSpec(BaseModel):
 
 
 class RateLimited(BaseModel):
+    """429s sent, by reason: our own RPM/TPM limit, or an injected fault."""
+
     limit: int = 0
     injected: int = 0
 
@@ -166,6 +169,8 @@ class Stats(BaseModel):
 
 
 class _Lenient(BaseModel):
+    """Request payloads keep unknown fields: a provider ignores what it does not use."""
+
     model_config = ConfigDict(extra="allow")
 
 
@@ -198,9 +203,13 @@ class ChatMessage(_Lenient):
         return self.content or ""
 
 
+class FunctionSpec(_Lenient):
+    name: str
+
+
 class OfferedTool(_Lenient):
     type: str = "function"
-    function: ToolFunction | None = None
+    function: FunctionSpec | None = None
 
 
 class ChatRequest(_Lenient):
@@ -233,6 +242,7 @@ class _Directive:
 _CALL = re.compile(r"\b(CALL_BAD|CALL)\s+([A-Za-z_][\w.\-]*)")
 _ERROR_TYPES = {429: "requests", 403: "permission_error", 404: "not_found_error"}
 _REPLY_LEN = re.compile(r"\bREPLY_LEN\s+(\d+)")
+_MAX_REPLY = 200_000  # tokens; REPLY_LEN is clamped so one request cannot eat the memory
 _PROSE = (
     "the swarm routes each task to a worker that reads context calls tools and writes a short "
     "answer while the bucket keeps every request inside the provider limits so queues drain"
@@ -251,7 +261,9 @@ def estimate_prompt_tokens(request: ChatRequest) -> int:
         calls = "".join(c.function.name + c.function.arguments for c in m.tool_calls or [])
         total += 4 + estimate_tokens(m.text() + (m.name or "") + calls)
     if request.tools:
-        total += estimate_tokens(json.dumps([t.model_dump(mode="json") for t in request.tools]))
+        total += estimate_tokens(
+            json.dumps([t.model_dump(mode="json", exclude_unset=True) for t in request.tools])
+        )
     return total
 
 
@@ -345,7 +357,7 @@ def compose_reply(request: ChatRequest, config: FakeLLMConfig) -> Reply:
     last = users[-1] if users else -1
     said = request.messages[last].text() if users else ""
     turn = request.messages[last + 1 :]
-    length = int(found[1]) if (found := _REPLY_LEN.search(said)) else None
+    length = min(int(found[1]), _MAX_REPLY) if (found := _REPLY_LEN.search(said)) else None
     cap = request.max_completion_tokens or request.max_tokens
     try:
         directives = _parse_directives(said) if request.tool_choice != "none" else []
