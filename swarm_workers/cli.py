@@ -157,7 +157,7 @@ def healthcheck(
     config: ConfigOption = None,
 ) -> None:
     """Liveness probe: exit 0 if this machine's worker polled the broker recently."""
-    from swarm_workers.worker import heartbeat_age
+    from swarm_workers.health import heartbeat_age
 
     path = _settings(config).worker.heartbeat_file
     age = heartbeat_age(path)
@@ -214,6 +214,94 @@ def flower(
     if os.environ.get("FLOWER_BASIC_AUTH"):
         argv.append(f"--basic-auth={os.environ['FLOWER_BASIC_AUTH']}")
     create_app(settings).start(argv=argv)
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="A DAG file, e.g. swarm.yaml (docs/dags.md).")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait and show each node.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 600.0,
+    as_json: Annotated[bool, typer.Option("--json", help="With --wait: status as JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Submit a DAG of agent tasks; print its id, or with --wait each node's outcome."""
+    from swarm_workers.client import SwarmClient
+    from swarm_workers.dag import load_dag
+
+    try:
+        spec = load_dag(file)
+        with SwarmClient(settings=_settings(config)) as client:
+            dag = client.submit_dag(spec)
+            if not wait:
+                typer.echo(dag.id)
+                return
+            result = dag.wait(timeout=timeout)
+    except SwarmError as exc:
+        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        table = Table(title=f"DAG {result.dag_id}: {result.state}")
+        for column in ("node", "role", "priority", "state", "output or reason"):
+            table.add_column(column)
+        for node in result.nodes.values():
+            text = node.result.output if node.state == "done" and node.result else node.reason
+            table.add_row(node.node, node.role, node.priority.value, node.state, (text or "")[:200])
+        Console().print(table)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def tools(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    live: Annotated[
+        bool, typer.Option("--live", help="Connect and list now, not the fleet's published view.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """MCP tools per server as the fleet sees them: era, cache age, breaker state."""
+    from swarm_workers.runtime import redis_client
+    from swarm_workers.tools.report import rows_json, tool_rows
+
+    settings = _settings(config)
+    rows = tool_rows(settings, redis_client(settings.redis_url), live=live)
+    if as_json:
+        typer.echo(rows_json(rows))
+        return
+    table = Table(title="MCP tools")
+    for column in ("server", "era", "tool", "description", "cache age", "breaker"):
+        table.add_column(column)
+    for row in rows:
+        age = "-" if row.cache_age_s is None else f"{row.cache_age_s:.0f}s"
+        era = row.era or row.status
+        table.add_row(row.server, era, row.tool or "-", row.description[:60], age, row.breaker)
+    Console().print(table)
+
+
+@app.command("fake-llm")
+def fake_llm(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8400,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    latency_ms: Annotated[float, typer.Option(help="Fixed latency of every reply.")] = 200.0,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute before 429s.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute before 429s.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="FAKE_LLM_API_KEY",
+                                                help="Require this bearer key.")] = None,
+) -> None:
+    """Serve the fake OpenAI-compatible provider, for demos, CI and load tests.
+
+    Replies are deterministic; `CALL tool {json}` in a prompt makes it call tools. See
+    `python -m swarm_workers.fakes.llm_server --help` for every option.
+    """
+    from swarm_workers.fakes.llm_server import main as serve_fake
+
+    argv = ["--host", host, "--port", str(port), "--latency-ms", str(latency_ms)]
+    for flag, value in (("--rpm", rpm), ("--tpm", tpm), ("--api-key", api_key)):
+        if value is not None:
+            argv += [flag, str(value)]
+    raise typer.Exit(serve_fake(argv))
 
 
 def main() -> None:

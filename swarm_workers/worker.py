@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, worker_queues
 from swarm_workers.runtime import redis_client
 
-__all__ = ["Heartbeat", "MetricsEndpoint", "heartbeat_age", "run_worker", "worker_argv"]
+__all__ = ["Heartbeat", "MetricsEndpoint", "run_worker", "worker_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +75,6 @@ class MetricsEndpoint(bootsteps.StartStopStep):  # type: ignore[misc]
         if port is not None:
             metrics.serve(port)
             log.info("metrics on :%d/metrics", port)
-
-
-def heartbeat_age(path: Path) -> float | None:
-    """Seconds since the heartbeat file was touched, or None if there is none."""
-    try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return None
 
 
 def worker_argv(
