@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from swarm_workers.agent.loop import run_agent
 from swarm_workers.errors import SwarmError
 from swarm_workers.metrics import observe_result
 from swarm_workers.models import AgentTask, ErrorInfo, TaskResult, Timings, utcnow
@@ -73,14 +74,23 @@ def execute(payload: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
 
 
 def _run(task: AgentTask, runtime: Runtime, started: Any, attempts: int) -> TaskResult:
-    # Echo body: replaced by the agent loop.
-    text = task.prompt if task.prompt is not None else (task.messages or ())[-1].content
+    """Run the agent loop; a provider failure is a failed result that keeps its usage."""
+    outcome = run_agent(task, runtime)
+    if outcome.error is not None:
+        log.warning("task %s failed: %s: %s", task.id, outcome.error.type, outcome.error.message)
     return TaskResult(
         task_id=task.id,
         role=task.role,
         priority=task.priority,
-        status="succeeded",
-        output=text,
+        status="succeeded" if outcome.ok else "failed",
+        output=outcome.output,
+        error=outcome.error,
+        stop_reason=outcome.stop_reason,
+        model=outcome.model,
+        steps=outcome.steps,
+        usage=outcome.usage,
+        tool_calls=outcome.tool_calls,
+        cost_usd=outcome.cost_usd,
         attempts=attempts,
         worker=runtime.worker_name,
         timings=Timings(submitted_at=task.submitted_at, started_at=started, finished_at=utcnow()),

@@ -9,8 +9,10 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+import openai
 import redis
 
+from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.config import Settings
 from swarm_workers.ratelimit.base import Limiter, build_limiter
 from swarm_workers.tools.base import Toolset
@@ -39,6 +41,7 @@ class Runtime:
     redis: redis.Redis
     tools: Toolset
     limiter: Limiter
+    llm: openai.OpenAI  # one pooled chat-completions client for every pool thread
     worker_name: str = field(default_factory=socket.gethostname)
 
     @classmethod
@@ -49,6 +52,7 @@ class Runtime:
             redis=client,
             tools=build_toolset(settings, client),
             limiter=build_limiter(settings, client),
+            llm=build_llm_client(settings.llm),
             worker_name=worker_name or socket.gethostname(),
         )
 
@@ -57,3 +61,4 @@ class Runtime:
 
     def close(self) -> None:
         self.redis.close()
+        self.llm.close()

@@ -23,7 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 import jsonschema
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
-from swarm_workers.errors import InvalidToolArguments, ToolFailed, UnknownTool
+from swarm_workers.config import RoleSettings
+from swarm_workers.errors import InvalidToolArguments, ToolFailed, ToolNotAllowed, UnknownTool
 
 __all__ = ["LocalToolset", "ToolResult", "ToolSpec", "Toolset", "is_allowed", "validate_arguments"]
 
@@ -62,8 +63,24 @@ class Toolset(Protocol):
         """Tools whose name matches one of `allowed` (names or fnmatch patterns)."""
         ...
 
-    def call(self, name: str, arguments: dict[str, Any], *, timeout: float) -> ToolResult:
-        """Run a tool. Raises a ToolError subclass for anything the model should read."""
+    def call(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        timeout: float,
+        allowed: Sequence[str] | None = None,
+        role: str | None = None,
+    ) -> ToolResult:
+        """Run a tool. Raises a ToolError subclass for anything the model should read.
+
+        With `allowed` (the role's `tools` patterns), a name outside it raises
+        ToolNotAllowed naming `role`; None means no allowlist is applied here.
+        """
+        ...
+
+    def role_context(self, role: RoleSettings) -> str:
+        """Text of the role's resources (`RoleSettings.resources`) for its system prompt."""
         ...
 
 
@@ -123,7 +140,17 @@ class LocalToolset:
     def specs(self, allowed: Sequence[str]) -> list[ToolSpec]:
         return [spec for name, (spec, _) in self._tools.items() if is_allowed(name, allowed)]
 
-    def call(self, name: str, arguments: dict[str, Any], *, timeout: float) -> ToolResult:
+    def call(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        timeout: float,
+        allowed: Sequence[str] | None = None,
+        role: str | None = None,
+    ) -> ToolResult:
+        if allowed is not None and not is_allowed(name, allowed):
+            raise ToolNotAllowed(name, role or "this role")
         try:
             spec, func = self._tools[name]
         except KeyError:
@@ -134,3 +161,6 @@ class LocalToolset:
         except Exception as exc:  # the model reads what went wrong, the task goes on
             raise ToolFailed(name, f"{type(exc).__name__}: {exc}") from exc
         return ToolResult(content=value if isinstance(value, str) else json.dumps(value))
+
+    def role_context(self, role: RoleSettings) -> str:
+        return ""  # local tools have no resources

@@ -1,0 +1,400 @@
+"""The agent loop: ask the model, run the tools it calls, repeat until it answers.
+
+One task, in the calling (Celery pool) thread:
+
+    messages = role's system prompt + the task's prompt (or messages)
+    repeat, at most the role's `max_steps` model calls:
+        count the prompt; ContextOverflow if it cannot fit with a useful `max_tokens`
+        call the model (`llm.complete`: limiter, retries) with `max_tokens` = budget left
+        no tool calls               -> stop "final"
+        reply cut at max_tokens, or
+        the output budget is spent  -> stop "budget" (tool calls are not run)
+        this was the last step      -> stop "max_steps" (tool calls are not run)
+        run the tool calls, concurrently when there are several; append their results
+
+A tool call the model got wrong (arguments that are not JSON or break the schema, a
+tool it was not offered, a tool that fails) becomes that call's tool message,
+``"error: ..."``, so the model can correct itself. A provider or limiter failure ends
+the loop with stop reason "error"; the usage spent until then is still reported.
+
+>>> outcome = run_agent(task, runtime)                          # doctest: +SKIP
+>>> outcome.stop_reason, outcome.steps, outcome.usage.completion_tokens  # doctest: +SKIP
+('final', 3, 412)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import openai
+from openai.types.chat import (
+    ChatCompletionAssistantMessageParam,
+    ChatCompletionMessage,
+    ChatCompletionMessageParam,
+    ChatCompletionMessageToolCallUnion,
+    ChatCompletionMessageToolCallUnionParam,
+    ChatCompletionToolMessageParam,
+    ChatCompletionToolUnionParam,
+)
+
+from swarm_workers.agent.budget import OutputBudget, context_window, cost_usd, token_counter
+from swarm_workers.agent.llm import ChatRequest, Completion, Redactor, RetryPolicy, complete
+from swarm_workers.config import RoleSettings, Settings
+from swarm_workers.errors import (
+    InvalidToolArguments,
+    SwarmError,
+    ToolError,
+    ToolUnavailable,
+    UnknownTool,
+)
+from swarm_workers.models import (
+    AgentTask,
+    ErrorInfo,
+    LLMCall,
+    StopReason,
+    ToolCallRecord,
+    Usage,
+)
+from swarm_workers.ratelimit.base import Limiter
+from swarm_workers.tools.base import Toolset, ToolSpec, validate_arguments
+
+__all__ = ["TOOL_THREADS", "AgentOutcome", "AgentRuntime", "initial_messages", "run_agent"]
+
+log = logging.getLogger(__name__)
+
+# Threads per process for the 2nd..nth tool call of one model turn (the 1st runs in the
+# task's own thread). Bounded so a swarm of parallel calls cannot exhaust the process.
+TOOL_THREADS = 32
+# Extra wait beyond the tool timeout before the loop stops waiting for a tool thread.
+_TOOL_GRACE_S = 5.0
+
+
+class AgentRuntime(Protocol):
+    """What the loop needs from the worker process (`runtime.Runtime` provides it)."""
+
+    settings: Settings
+    tools: Toolset
+    limiter: Limiter
+    llm: openai.OpenAI
+
+
+@dataclass(frozen=True)
+class AgentOutcome:
+    """What one run of the loop produced; `execution` turns it into a `TaskResult`."""
+
+    model: str
+    stop_reason: StopReason
+    output: str | None = None
+    steps: int = 0
+    usage: Usage = field(default_factory=Usage)
+    tool_calls: tuple[ToolCallRecord, ...] = ()
+    cost_usd: float = 0.0
+    error: ErrorInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Tally:
+    """Running totals of one loop."""
+
+    budget: OutputBudget
+    calls: list[LLMCall] = field(default_factory=list)
+    tools: list[ToolCallRecord] = field(default_factory=list)
+    output: str | None = None
+
+    def add(self, completion: Completion) -> None:
+        self.calls.append(
+            LLMCall(
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                latency_s=round(completion.latency_s, 6),
+                finish_reason=completion.finish_reason,
+            )
+        )
+        self.budget = self.budget.charge(completion.completion_tokens)
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=sum(c.prompt_tokens for c in self.calls),
+            completion_tokens=sum(c.completion_tokens for c in self.calls),
+            calls=tuple(self.calls),
+        )
+
+
+def run_agent(task: AgentTask, runtime: AgentRuntime) -> AgentOutcome:
+    """Run `task`'s agent loop to a final answer, a budget, a step limit or an error."""
+    settings = runtime.settings
+    model = settings.model_for(task.role)
+    tally = _Tally(OutputBudget(task.output_budget))
+    steps = 0
+    stop: StopReason = "error"
+    error: ErrorInfo | None = None
+    try:
+        role = settings.role(task.role)
+        specs = runtime.tools.specs(role.tools) if role.tools else []
+        offered = {spec.name: spec for spec in specs}
+        tools: list[ChatCompletionToolUnionParam] = [_tool_param(spec) for spec in specs]
+        messages = initial_messages(_system_prompt(role, runtime.tools), task)
+        counter = token_counter(model)
+        context = context_window(settings.llm, model)
+        policy = RetryPolicy.from_settings(settings.llm)
+        redactor = _redactor(settings, task)
+        while True:
+            if tally.budget.exhausted:
+                stop = "budget"
+                break
+            prompt_tokens = counter.count_prompt(messages, tools)
+            request = ChatRequest(
+                model=model,
+                messages=list(messages),
+                tools=tools,
+                max_tokens=tally.budget.max_tokens(model, prompt_tokens, context),
+                priority=task.priority,
+                prompt_tokens=prompt_tokens,
+            )
+            completion = complete(
+                runtime.llm,
+                request,
+                limiter=runtime.limiter,
+                policy=policy,
+                redactor=redactor,
+                count_tokens=counter.count,
+            )
+            steps += 1
+            tally.add(completion)
+            message = completion.message
+            tally.output = message.content if message.content is not None else message.refusal
+            if completion.finish_reason == "length" or (
+                message.tool_calls and tally.budget.exhausted
+            ):
+                stop = "budget"
+                break
+            if not message.tool_calls:
+                stop = "final"
+                break
+            if steps == role.max_steps:
+                stop = "max_steps"
+                break
+            messages.append(_assistant_turn(message))
+            answers = _run_tool_calls(message.tool_calls, offered, role, task.role, runtime)
+            for record, tool_message in answers:
+                tally.tools.append(record)
+                messages.append(tool_message)
+    except SwarmError as exc:  # ToolErrors never get here: the model reads them
+        stop = "error"
+        error = ErrorInfo(type=type(exc).__name__, message=str(exc))
+    usage = tally.usage()
+    outcome = AgentOutcome(
+        model=model,
+        stop_reason=stop,
+        output=tally.output if error is None else None,
+        steps=steps,
+        usage=usage,
+        tool_calls=tuple(tally.tools),
+        cost_usd=cost_usd(settings.llm.prices, model, usage.prompt_tokens, usage.completion_tokens),
+        error=error,
+    )
+    log.info(
+        "task %s: %s after %d step(s), %d tool call(s), tokens %d+%d, $%.6f",
+        task.id,
+        stop,
+        steps,
+        len(tally.tools),
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        outcome.cost_usd,
+    )
+    return outcome
+
+
+def initial_messages(system_prompt: str, task: AgentTask) -> list[ChatCompletionMessageParam]:
+    """The role's system prompt, then the task's prompt or its messages."""
+    messages: list[ChatCompletionMessageParam] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    if task.prompt is not None:
+        messages.append({"role": "user", "content": task.prompt})
+    for m in task.messages or ():
+        if m.role == "system":
+            messages.append({"role": "system", "content": m.content})
+        elif m.role == "user":
+            messages.append({"role": "user", "content": m.content})
+        else:
+            messages.append({"role": "assistant", "content": m.content})
+    return messages
+
+
+def _system_prompt(role: RoleSettings, tools: Toolset) -> str:
+    """The role's prompt, followed by its MCP resources (read through the toolset)."""
+    context = tools.role_context(role) if role.resources else ""
+    return f"{role.system_prompt}\n\n{context}" if context else role.system_prompt
+
+
+def _tool_param(spec: ToolSpec) -> ChatCompletionToolUnionParam:
+    function = spec.to_openai()["function"]
+    return {
+        "type": "function",
+        "function": {
+            "name": function["name"],
+            "description": function["description"],
+            "parameters": function["parameters"],
+        },
+    }
+
+
+def _redactor(settings: Settings, task: AgentTask) -> Redactor:
+    texts: list[str] = []
+    if settings.redact_prompts:
+        texts = (
+            [task.prompt] if task.prompt is not None else [m.content for m in task.messages or ()]
+        )
+    return Redactor(secrets=[settings.llm.resolved_api_key()], texts=texts)
+
+
+def _assistant_turn(message: ChatCompletionMessage) -> ChatCompletionAssistantMessageParam:
+    """The model's tool-calling turn, as it must be sent back (only the fields it needs)."""
+    calls: list[ChatCompletionMessageToolCallUnionParam] = []
+    for call in message.tool_calls or ():
+        if call.type == "function":
+            calls.append(
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+            )
+        else:
+            calls.append(
+                {
+                    "id": call.id,
+                    "type": "custom",
+                    "custom": {"name": call.custom.name, "input": call.custom.input},
+                }
+            )
+    return {"role": "assistant", "content": message.content, "tool_calls": calls}
+
+
+# --------------------------------------------------------------------------- tool calls
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _tool_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="swarm-tool")
+    return _pool
+
+
+_Answer = tuple[ToolCallRecord, ChatCompletionToolMessageParam]
+
+
+def _run_tool_calls(
+    calls: Sequence[ChatCompletionMessageToolCallUnion],
+    offered: dict[str, ToolSpec],
+    role: RoleSettings,
+    role_name: str,
+    runtime: AgentRuntime,
+) -> list[_Answer]:
+    """Every call's record and tool message, in the model's order; never raises ToolError.
+
+    The first call runs in this thread, the others in the process's tool pool, so one
+    turn's calls overlap and a single call costs no thread hand-off.
+    """
+    timeout = runtime.settings.tools.call_timeout_s
+    limit = runtime.settings.tools.max_output_chars
+
+    def one(call: ChatCompletionMessageToolCallUnion) -> _Answer:
+        return _call_tool(call, offered, role.tools, role_name, runtime.tools, timeout, limit)
+
+    pending: list[Future[_Answer]] = [_tool_pool().submit(one, call) for call in calls[1:]]
+    answers = [one(calls[0])]
+    for call, future in zip(calls[1:], pending, strict=True):
+        try:
+            answers.append(future.result(timeout=timeout + _TOOL_GRACE_S))
+        except FutureTimeout:
+            name = call.function.name if call.type == "function" else call.custom.name
+            late = ToolUnavailable(name, "?", f"no answer within {timeout:.0f}s")
+            answers.append(_failure(call.id, name, _raw_arguments(call), 0.0, late))
+    return answers
+
+
+def _call_tool(
+    call: ChatCompletionMessageToolCallUnion,
+    offered: dict[str, ToolSpec],
+    allowed: Sequence[str],
+    role_name: str,
+    tools: Toolset,
+    timeout: float,
+    limit: int,
+) -> _Answer:
+    """One call's record and tool message; every ToolError becomes the message.
+
+    A name outside this turn's offer still goes to the toolset, with the role's
+    allowlist: the toolset refuses it (ToolNotAllowed, UnknownTool) or, for a tool the
+    registry learned since the offer was made, runs it.
+    """
+    name = call.function.name if call.type == "function" else call.custom.name
+    raw = _raw_arguments(call)
+    started = time.monotonic()
+    try:
+        if call.type != "function":
+            raise UnknownTool(name)  # free-form "custom" tools are never offered
+        arguments = _parse_arguments(name, raw)
+        spec = offered.get(name)
+        if spec is not None:
+            validate_arguments(name, spec.parameters, arguments)
+        result = tools.call(name, arguments, timeout=timeout, allowed=allowed, role=role_name)
+        content = result.content
+    except ToolError as exc:
+        return _failure(call.id, name, raw, time.monotonic() - started, exc)
+    except Exception as exc:  # a toolset bug: logged for us, reported to the model
+        log.exception("tool %s raised %s, not a ToolError", name, type(exc).__name__)
+        failed = ToolError(name, f"the tool failed unexpectedly ({type(exc).__name__})")
+        return _failure(call.id, name, raw, time.monotonic() - started, failed)
+    if len(content) > limit:
+        content = content[:limit] + f"\n[truncated: {len(content)} characters, limit {limit}]"
+    record = ToolCallRecord(
+        name=name, arguments=raw, latency_s=round(time.monotonic() - started, 6), ok=True
+    )
+    return record, {"role": "tool", "tool_call_id": call.id, "content": content}
+
+
+def _failure(call_id: str, name: str, raw: str, latency: float, exc: ToolError) -> _Answer:
+    record = ToolCallRecord(
+        name=name, arguments=raw, latency_s=round(latency, 6), ok=False, error=str(exc)
+    )
+    return record, {"role": "tool", "tool_call_id": call_id, "content": f"error: {exc}"}
+
+
+def _raw_arguments(call: ChatCompletionMessageToolCallUnion) -> str:
+    return call.function.arguments if call.type == "function" else call.custom.input
+
+
+def _parse_arguments(name: str, raw: str) -> dict[str, Any]:
+    """The model's arguments as an object; empty text means no arguments."""
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidToolArguments(
+            name, f"not valid JSON ({exc.msg} at position {exc.pos}); send a JSON object"
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidToolArguments(name, f"expected a JSON object, got {type(value).__name__}")
+    return value

@@ -1,0 +1,384 @@
+"""The agent loop in-process: the real `openai` SDK against the fake provider over HTTP.
+
+The provider is a separate process (the shipped fake); tools are a `LocalToolset`;
+the limiter records what the loop asked of it. No Celery, no Redis.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageFunctionToolCall
+from openai.types.chat.chat_completion_message_function_tool_call import Function
+
+from swarm_workers.agent.budget import token_counter
+from swarm_workers.agent.llm import build_llm_client
+from swarm_workers.agent.loop import _run_tool_calls, initial_messages, run_agent
+from swarm_workers.config import Settings, load_settings
+from swarm_workers.models import AgentTask, ChatMessage, Priority
+from swarm_workers.ratelimit.base import Limiter, Reservation
+from swarm_workers.tools.base import LocalToolset, ToolResult, Toolset
+
+from .conftest import FakeLLM, spawn_fake_llm
+
+MODEL = "fake-gpt"
+KEY = "sk-loop-test-0123456789abcdef"
+
+
+@dataclass
+class Ledger:
+    """What the loop asked of the limiter, in order."""
+
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, *event: Any) -> None:
+        with self.lock:
+            self.events.append(event)
+
+    def kinds(self) -> list[str]:
+        return [e[0] for e in self.events]
+
+
+@dataclass
+class _Held:
+    ledger: Ledger
+
+    def reconcile(self, used_tokens: int) -> None:
+        self.ledger.add("reconcile", used_tokens)
+
+    def cancel(self) -> None:
+        self.ledger.add("cancel", None)
+
+
+@dataclass
+class RecordingLimiter:
+    ledger: Ledger = field(default_factory=Ledger)
+
+    def acquire(self, model: str, priority: Priority, tokens: int) -> Reservation:
+        self.ledger.add("acquire", (model, priority, tokens))
+        return _Held(self.ledger)
+
+    def penalize(self, model: str, retry_after_s: float) -> None:
+        self.ledger.add("penalize", (model, retry_after_s))
+
+
+@dataclass
+class LoopRuntime:
+    """The four things `run_agent` needs, without Redis or Celery."""
+
+    settings: Settings
+    tools: Toolset
+    limiter: Limiter
+    llm: openai.OpenAI
+
+
+def _toolset() -> LocalToolset:
+    tools = LocalToolset()
+
+    @tools.tool(description="Add two integers.")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @tools.tool(description="Wait, then echo.")
+    def slow(text: str) -> str:
+        time.sleep(0.4)
+        return f"slow {text} on {threading.current_thread().name}"
+
+    @tools.tool(description="Not for this role.")
+    def secret() -> str:
+        return "classified"
+
+    @tools.tool(description="Always fails.")
+    def broken() -> str:
+        raise RuntimeError("disk on fire")
+
+    return tools
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[FakeLLM]:
+    fake = spawn_fake_llm()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake(provider: FakeLLM) -> FakeLLM:
+    httpx.post(f"http://127.0.0.1:{provider.port}/_fake/reset", timeout=5).raise_for_status()
+    return provider
+
+
+def _settings(fake: FakeLLM, *, role: dict[str, Any] | None = None, **llm: Any) -> Settings:
+    role_config = {"tools": ["local__add", "local__slow", "local__broken"], **(role or {})}
+    return load_settings(
+        None,
+        roles={"default": role_config},
+        llm={"base_url": fake.base_url, "api_key": KEY, "model": MODEL, **llm},
+    )
+
+
+def _runtime(settings: Settings) -> LoopRuntime:
+    return LoopRuntime(
+        settings=settings,
+        tools=_toolset(),
+        limiter=RecordingLimiter(),
+        llm=build_llm_client(settings.llm),
+    )
+
+
+def _task(prompt: str, budget: int = 4096) -> AgentTask:
+    return AgentTask(role="default", priority=Priority.P1, prompt=prompt, output_budget=budget)
+
+
+def test_multi_step_tool_loop_reports_usage_and_cost(fake: FakeLLM) -> None:
+    prices = {MODEL: {"input": 2.0, "output": 8.0}}
+    runtime = _runtime(_settings(fake, prices=prices))
+    outcome = run_agent(_task('Add them. CALL local__add {"a": 2, "b": 3}'), runtime)
+
+    assert outcome.ok, outcome.error
+    assert outcome.stop_reason == "final"
+    assert outcome.steps == 2
+    assert outcome.model == MODEL
+    assert outcome.output is not None
+    assert "local__add: 5" in outcome.output
+    (record,) = outcome.tool_calls
+    assert (record.name, record.ok, record.error) == ("local__add", True, None)
+    assert record.arguments == '{"a": 2, "b": 3}'
+    assert record.latency_s >= 0
+    calls = outcome.usage.calls
+    assert [c.finish_reason for c in calls] == ["tool_calls", "stop"]
+    assert outcome.usage.prompt_tokens == sum(c.prompt_tokens for c in calls)
+    assert outcome.usage.completion_tokens == sum(c.completion_tokens for c in calls)
+    stats = fake.stats()
+    assert stats["completions"] == 2
+    assert outcome.usage.prompt_tokens == stats["prompt_tokens"]
+    assert outcome.usage.completion_tokens == stats["completion_tokens"]
+    expected = (outcome.usage.prompt_tokens * 2.0 + outcome.usage.completion_tokens * 8.0) / 1e6
+    assert outcome.cost_usd == pytest.approx(expected)
+    assert outcome.cost_usd > 0
+
+
+def test_limiter_reserves_prompt_plus_max_tokens_then_reconciles(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake, role={"tools": []}))
+    task = _task("Summarise the queue design.", budget=300)
+    outcome = run_agent(task, runtime)
+    assert outcome.stop_reason == "final"
+    ledger = runtime.limiter.ledger  # type: ignore[attr-defined]
+    assert ledger.kinds() == ["acquire", "reconcile"]
+    model, priority, reserved = ledger.events[0][1]
+    prompt = token_counter(MODEL).count_prompt(
+        initial_messages(runtime.settings.role("default").system_prompt, task)
+    )
+    # The offline estimate is the fake's own rule, so the pre-call count is exact here.
+    assert outcome.usage.calls[0].prompt_tokens == prompt
+    assert (model, priority, reserved) == (MODEL, Priority.P1, prompt + 300)
+    assert ledger.events[1][1] == outcome.usage.total_tokens
+
+
+def test_parallel_tool_calls_run_concurrently(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake))
+    prompt = 'CALL local__slow {"text": "a"} CALL local__slow {"text": "b"} CALL local__add'
+    started = time.monotonic()
+    outcome = run_agent(_task(prompt + ' {"a": 1, "b": 1}'), runtime)
+    elapsed = time.monotonic() - started
+
+    assert outcome.stop_reason == "final"
+    assert [r.name for r in outcome.tool_calls] == ["local__slow", "local__slow", "local__add"]
+    assert all(r.ok for r in outcome.tool_calls)
+    assert elapsed < 0.75, f"two 0.4 s tools took {elapsed:.2f}s: they ran one after another"
+    assert outcome.output is not None
+    assert "slow a on MainThread" in outcome.output  # the first call stays in the task's thread
+    assert "slow b on swarm-tool" in outcome.output
+    assert "local__add: 2" in outcome.output
+
+
+def test_malformed_tool_call_is_corrected_by_the_model(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake))
+    outcome = run_agent(_task('CALL_BAD local__add {"a": 40, "b": 2}'), runtime)
+
+    assert outcome.ok, outcome.error
+    assert outcome.stop_reason == "final"
+    assert outcome.steps == 3
+    bad, good = outcome.tool_calls
+    assert not bad.ok
+    assert bad.error is not None
+    assert "not valid JSON" in bad.error
+    assert good.ok
+    assert outcome.output is not None
+    assert "local__add: 42" in outcome.output
+
+
+def test_schema_violation_and_tool_failure_go_back_to_the_model(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake))
+    outcome = run_agent(_task('CALL local__add {"a": "two", "b": 3} CALL local__broken'), runtime)
+
+    assert outcome.ok, outcome.error
+    assert outcome.stop_reason == "final"
+    invalid, broken = outcome.tool_calls
+    assert not invalid.ok
+    assert invalid.error is not None
+    assert "invalid arguments: a:" in invalid.error
+    assert not broken.ok
+    assert broken.error is not None
+    assert "disk on fire" in broken.error
+    assert outcome.output is not None
+    assert "local__add: error: local__add: invalid arguments" in outcome.output
+
+
+def test_tool_not_offered_to_the_role_is_refused_to_the_model(fake: FakeLLM) -> None:
+    # The fake never calls a tool it was not offered; a real model can, so drive it here.
+    runtime = _runtime(_settings(fake, role={"tools": ["local__a*"]}))
+    offered = {s.name: s for s in runtime.tools.specs(["local__a*"])}
+    assert list(offered) == ["local__add"]
+
+    def call(name: str, arguments: str) -> ChatCompletionMessageFunctionToolCall:
+        function = Function(name=name, arguments=arguments)
+        return ChatCompletionMessageFunctionToolCall(
+            id=f"id-{name}", type="function", function=function
+        )
+
+    role = runtime.settings.role("default")
+    answers = _run_tool_calls(
+        [call("local__secret", "{}"), call("local__absent", ""), call("local__add", "[1, 2]")],
+        offered,
+        role,
+        "default",
+        runtime,
+    )
+    records = [a[0] for a in answers]
+    contents = [a[1]["content"] for a in answers]
+    assert not any(r.ok for r in records)
+    assert contents[0] == "error: local__secret: tool is not allowed for role 'default'"
+    assert contents[1] == "error: local__absent: unknown tool"
+    assert "expected a JSON object" in str(contents[2])
+    assert [a[1]["tool_call_id"] for a in answers] == [
+        "id-local__secret",
+        "id-local__absent",
+        "id-local__add",
+    ]
+
+
+def test_role_resources_extend_the_system_prompt(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake, role={"tools": [], "resources": ["doc://guide"]}))
+    seen: list[str] = []
+
+    def role_context(role: Any) -> str:
+        seen.extend(role.resources)
+        return "Guide: be exact."
+
+    runtime.tools.role_context = role_context  # type: ignore[method-assign]
+    task = _task("REPLY_LEN 3")
+    outcome = run_agent(task, runtime)
+    assert outcome.stop_reason == "final"
+    assert seen == ["doc://guide"]
+    system = runtime.settings.role("default").system_prompt + "\n\nGuide: be exact."
+    expected = token_counter(MODEL).count_prompt(initial_messages(system, task))
+    assert outcome.usage.calls[0].prompt_tokens == expected
+
+
+def test_output_budget_caps_max_tokens_and_stops(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake))
+    outcome = run_agent(_task("Write at length. REPLY_LEN 500", budget=40), runtime)
+
+    assert outcome.ok
+    assert outcome.stop_reason == "budget"
+    assert outcome.usage.completion_tokens == 40
+    assert outcome.usage.calls[0].finish_reason == "length"
+    assert outcome.output is not None
+    assert len(outcome.output) == 160  # the fake cuts at 4 characters a token
+
+
+def test_budget_spent_by_a_tool_call_turn_stops_before_running_tools(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake))
+    outcome = run_agent(_task('CALL local__add {"a": 2, "b": 3}', budget=10), runtime)
+
+    assert outcome.stop_reason == "budget"
+    assert outcome.steps == 1
+    assert outcome.tool_calls == ()
+    assert outcome.usage.completion_tokens >= 10
+    assert fake.stats()["completions"] == 1
+
+
+def test_max_steps_stops_a_loop_that_keeps_calling_tools(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake, role={"max_steps": 2}))
+    outcome = run_agent(_task('CALL_BAD local__add {"a": 1, "b": 1}'), runtime)
+
+    assert outcome.ok
+    assert outcome.stop_reason == "max_steps"
+    assert outcome.steps == 2
+    assert len(outcome.tool_calls) == 1  # the second turn's calls were not run
+    assert fake.stats()["completions"] == 2
+
+
+def test_messages_input_and_role_system_prompt(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake, role={"tools": [], "system_prompt": "Be brief."}))
+    task = AgentTask(
+        role="default",
+        priority=Priority.P0,
+        messages=(
+            ChatMessage(role="user", content="Earlier question"),
+            ChatMessage(role="assistant", content="Earlier answer"),
+            ChatMessage(role="user", content="REPLY_LEN 7"),
+        ),
+        output_budget=100,
+    )
+    assert [m["role"] for m in initial_messages("Be brief.", task)] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+    ]
+    outcome = run_agent(task, runtime)
+    assert outcome.stop_reason == "final"
+    assert outcome.usage.completion_tokens == 7
+
+
+def test_context_overflow_fails_before_any_request(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake, context_windows={MODEL: 1000}))
+    outcome = run_agent(_task("x" * 5000), runtime)
+
+    assert not outcome.ok
+    assert outcome.stop_reason == "error"
+    assert outcome.error is not None
+    assert outcome.error.type == "ContextOverflow"
+    assert "1000-token context" in outcome.error.message
+    assert "x" * 20 not in outcome.error.message
+    assert outcome.steps == 0
+    assert fake.stats()["requests"] == 0
+    assert runtime.limiter.ledger.events == []  # type: ignore[attr-defined]
+
+
+def test_provider_rejection_fails_the_task_and_keeps_earlier_usage(fake: FakeLLM) -> None:
+    runtime = _runtime(_settings(fake))
+    secret_prompt = 'Private plan 7731. CALL local__add {"a": 1, "b": 2}'
+    fault = {"status": 400, "count": 1, "message": f"bad request near '{secret_prompt}' key={KEY}"}
+
+    # Let the first turn succeed, then refuse the second one.
+    original = runtime.tools.call
+
+    def call_then_fault(name: str, arguments: dict[str, Any], **options: Any) -> ToolResult:
+        httpx.post(f"http://127.0.0.1:{fake.port}/_fake/faults", json=fault, timeout=5)
+        return original(name, arguments, **options)
+
+    runtime.tools.call = call_then_fault  # type: ignore[method-assign]
+    outcome = run_agent(_task(secret_prompt), runtime)
+
+    assert outcome.stop_reason == "error"
+    assert outcome.error is not None
+    assert outcome.error.type == "ProviderRejected"
+    assert outcome.error.message.startswith("HTTP 400: bad request near")
+    assert "7731" not in outcome.error.message
+    assert KEY not in outcome.error.message
+    assert KEY[:8] not in outcome.error.message
+    assert outcome.steps == 1
+    assert outcome.usage.completion_tokens > 0
+    assert len(outcome.tool_calls) == 1
+    assert fake.stats()["requests"] == 2
