@@ -13,6 +13,7 @@ are turned into a tool message the model reads and can correct, never a crash.
     ├── DagError                    rejected DAG, nothing enqueued
     │   ├── DagCycle
     │   ├── UnknownDependency
+    │   ├── UnknownReference        a prompt template names no dep: {{ x.output }}
     │   ├── DuplicateNode
     │   └── DagTooLarge
     ├── ResultTimeout               waited for a result longer than asked
@@ -21,6 +22,7 @@ are turned into a tool message the model reads and can correct, never a crash.
     │   ├── ProviderUnavailable     429/5xx/network still failing after our retries
     │   └── ContextOverflow         the prompt cannot fit the model's context
     ├── RateLimited                 the cluster bucket made us wait past the bound
+    ├── TimeLimitExceeded           the task ran past worker.task_time_limit_s
     └── ToolError                   shown to the model as the tool's result
         ├── UnknownTool
         ├── ToolNotAllowed
@@ -48,11 +50,13 @@ __all__ = [
     "RateLimited",
     "ResultTimeout",
     "SwarmError",
+    "TimeLimitExceeded",
     "ToolError",
     "ToolFailed",
     "ToolNotAllowed",
     "ToolUnavailable",
     "UnknownDependency",
+    "UnknownReference",
     "UnknownRole",
     "UnknownTool",
 ]
@@ -128,6 +132,13 @@ class UnknownDependency(DagError):
         self.dep = dep
 
 
+class UnknownReference(DagError):
+    def __init__(self, node: str, problem: str) -> None:
+        super().__init__(f"node {node!r}: prompt template: {problem}")
+        self.node = node
+        self.problem = problem
+
+
 class DuplicateNode(DagError):
     def __init__(self, node: str) -> None:
         super().__init__(f"node id {node!r} appears more than once")
@@ -186,6 +197,15 @@ class RateLimited(SwarmError):
         self.key = key
         self.waited = waited
         self.bound = bound
+
+
+class TimeLimitExceeded(SwarmError):
+    """The agent loop's own deadline: Celery's threads pool enforces no time limit."""
+
+    def __init__(self, limit_s: float, during: str) -> None:
+        super().__init__(f"task exceeded its time limit of {limit_s:g}s ({during})")
+        self.limit_s = limit_s
+        self.during = during
 
 
 class ToolError(SwarmError):

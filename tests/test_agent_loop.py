@@ -18,7 +18,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 
-from swarm_workers.agent.budget import token_counter
+from swarm_workers.agent.budget import Deadline, token_counter
 from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.agent.loop import _run_tool_calls, initial_messages, run_agent
 from swarm_workers.config import Settings, load_settings
@@ -29,6 +29,7 @@ from swarm_workers.tools.base import LocalToolset, ToolResult, Toolset
 from .conftest import FakeLLM, spawn_fake_llm
 
 MODEL = "fake-gpt"
+SLOW_SPANS: list[tuple[float, float]] = []  # (start, end) of every `slow` tool call
 KEY = "sk-loop-test-0123456789abcdef"
 
 
@@ -89,7 +90,9 @@ def _toolset() -> LocalToolset:
 
     @tools.tool(description="Wait, then echo.")
     def slow(text: str) -> str:
+        start = time.monotonic()
         time.sleep(0.4)
+        SLOW_SPANS.append((start, time.monotonic()))
         return f"slow {text} on {threading.current_thread().name}"
 
     @tools.tool(description="Not for this role.")
@@ -186,14 +189,14 @@ def test_limiter_reserves_prompt_plus_max_tokens_then_reconciles(fake: FakeLLM) 
 def test_parallel_tool_calls_run_concurrently(fake: FakeLLM) -> None:
     runtime = _runtime(_settings(fake))
     prompt = 'CALL local__slow {"text": "a"} CALL local__slow {"text": "b"} CALL local__add'
-    started = time.monotonic()
+    SLOW_SPANS.clear()
     outcome = run_agent(_task(prompt + ' {"a": 1, "b": 1}'), runtime)
-    elapsed = time.monotonic() - started
 
     assert outcome.stop_reason == "final"
     assert [r.name for r in outcome.tool_calls] == ["local__slow", "local__slow", "local__add"]
     assert all(r.ok for r in outcome.tool_calls)
-    assert elapsed < 0.75, f"two 0.4 s tools took {elapsed:.2f}s: they ran one after another"
+    (a_start, a_end), (b_start, b_end) = SLOW_SPANS
+    assert a_start < b_end and b_start < a_end, "the two slow tools ran one after another"
     assert outcome.output is not None
     assert "slow a on MainThread" in outcome.output  # the first call stays in the task's thread
     assert "slow b on swarm-tool" in outcome.output
@@ -252,6 +255,7 @@ def test_tool_not_offered_to_the_role_is_refused_to_the_model(fake: FakeLLM) -> 
         role,
         "default",
         runtime,
+        Deadline.start(30),
     )
     records = [a[0] for a in answers]
     contents = [a[1]["content"] for a in answers]
@@ -382,3 +386,25 @@ def test_provider_rejection_fails_the_task_and_keeps_earlier_usage(fake: FakeLLM
     assert outcome.usage.completion_tokens > 0
     assert len(outcome.tool_calls) == 1
     assert fake.stats()["requests"] == 2
+
+
+def test_the_loop_enforces_the_task_time_limit() -> None:
+    """Celery's threads pool enforces no time limit; the loop's own deadline does."""
+    slow = spawn_fake_llm("--latency-ms", "1500")
+    try:
+        settings = load_settings(
+            None,
+            roles={"default": {"tools": ["local__add"]}},
+            llm={"base_url": slow.base_url, "model": MODEL, "max_retries": 3},
+            worker={"task_time_limit_s": 2, "visibility_timeout_s": 10},
+        )
+        started = time.monotonic()
+        outcome = run_agent(_task('CALL local__add {"a": 1, "b": 2}'), _runtime(settings))
+        elapsed = time.monotonic() - started
+    finally:
+        slow.stop()
+    assert outcome.error is not None
+    assert outcome.error.type == "TimeLimitExceeded"
+    assert "time limit of 2s" in outcome.error.message
+    assert outcome.steps == 1  # the first call finished; the second was cut off
+    assert elapsed < 2.0 + 1.5, f"the loop ran {elapsed:.1f}s past a 2 s limit"

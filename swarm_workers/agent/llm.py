@@ -40,8 +40,14 @@ from openai.types.chat import (
     ChatCompletionToolUnionParam,
 )
 
+from swarm_workers.agent.budget import Deadline
 from swarm_workers.config import LLMSettings
-from swarm_workers.errors import ProviderError, ProviderRejected, ProviderUnavailable
+from swarm_workers.errors import (
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+    TimeLimitExceeded,
+)
 from swarm_workers.models import Priority
 from swarm_workers.ratelimit.base import Limiter
 
@@ -179,6 +185,7 @@ class ChatRequest:
     max_tokens: int
     priority: Priority
     prompt_tokens: int
+    deadline: Deadline | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +221,10 @@ def complete(
     reserve = request.prompt_tokens + request.max_tokens
     failure = "no attempt made"
     status: int | None = None
+    deadline = request.deadline
     for attempt in range(policy.max_retries + 1):
+        if deadline is not None:
+            deadline.check("waiting to call the model")
         reservation = limiter.acquire(request.model, request.priority, reserve)
         started = time.monotonic()
         hint: float | None = None
@@ -224,6 +234,8 @@ def complete(
                 messages=request.messages,
                 tools=request.tools if request.tools else openai.omit,
                 max_tokens=request.max_tokens,
+                # Never wait on the provider past the task's own time limit.
+                timeout=_capped(client.timeout, deadline) if deadline else openai.NOT_GIVEN,
             )
         except openai.APIStatusError as exc:
             reservation.cancel()
@@ -258,6 +270,8 @@ def complete(
         if attempt == policy.max_retries:
             break
         delay = policy.delay(attempt, hint, rand)
+        if deadline is not None and delay >= deadline.remaining():
+            raise TimeLimitExceeded(deadline.limit_s, f"retrying the model after: {failure}")
         log.warning(
             "llm %s: %s (attempt %d of %d); retrying in %.2fs",
             request.model,
@@ -269,6 +283,19 @@ def complete(
         sleep(delay)
     raise ProviderUnavailable(
         f"{failure} (gave up after {policy.max_retries + 1} attempts)", status=status
+    )
+
+
+def _capped(timeout: float | httpx2.Timeout | None, deadline: Deadline) -> httpx2.Timeout:
+    """The client's timeouts, none longer than what is left of the task's time."""
+    left = max(0.001, deadline.remaining())
+    if not isinstance(timeout, httpx2.Timeout):
+        return httpx2.Timeout(left if timeout is None else min(timeout, left))
+    return httpx2.Timeout(
+        connect=min(timeout.connect or left, left),
+        read=min(timeout.read or left, left),
+        write=min(timeout.write or left, left),
+        pool=min(timeout.pool or left, left),
     )
 
 

@@ -45,7 +45,13 @@ from openai.types.chat import (
     ChatCompletionToolUnionParam,
 )
 
-from swarm_workers.agent.budget import OutputBudget, context_window, cost_usd, token_counter
+from swarm_workers.agent.budget import (
+    Deadline,
+    OutputBudget,
+    context_window,
+    cost_usd,
+    token_counter,
+)
 from swarm_workers.agent.llm import ChatRequest, Completion, Redactor, RetryPolicy, complete
 from swarm_workers.config import RoleSettings, Settings
 from swarm_workers.errors import (
@@ -136,6 +142,7 @@ def run_agent(task: AgentTask, runtime: AgentRuntime) -> AgentOutcome:
     """Run `task`'s agent loop to a final answer, a budget, a step limit or an error."""
     settings = runtime.settings
     model = settings.model_for(task.role)
+    deadline = Deadline.start(settings.worker.task_time_limit_s)
     tally = _Tally(OutputBudget(task.output_budget))
     steps = 0
     stop: StopReason = "error"
@@ -154,6 +161,7 @@ def run_agent(task: AgentTask, runtime: AgentRuntime) -> AgentOutcome:
             if tally.budget.exhausted:
                 stop = "budget"
                 break
+            deadline.check(f"before step {steps + 1}")
             prompt_tokens = counter.count_prompt(messages, tools)
             request = ChatRequest(
                 model=model,
@@ -162,6 +170,7 @@ def run_agent(task: AgentTask, runtime: AgentRuntime) -> AgentOutcome:
                 max_tokens=tally.budget.max_tokens(model, prompt_tokens, context),
                 priority=task.priority,
                 prompt_tokens=prompt_tokens,
+                deadline=deadline,
             )
             completion = complete(
                 runtime.llm,
@@ -187,7 +196,9 @@ def run_agent(task: AgentTask, runtime: AgentRuntime) -> AgentOutcome:
                 stop = "max_steps"
                 break
             messages.append(_assistant_turn(message))
-            answers = _run_tool_calls(message.tool_calls, offered, role, task.role, runtime)
+            answers = _run_tool_calls(
+                message.tool_calls, offered, role, task.role, runtime, deadline
+            )
             for record, tool_message in answers:
                 tally.tools.append(record)
                 messages.append(tool_message)
@@ -309,13 +320,14 @@ def _run_tool_calls(
     role: RoleSettings,
     role_name: str,
     runtime: AgentRuntime,
+    deadline: Deadline,
 ) -> list[_Answer]:
     """Every call's record and tool message, in the model's order; never raises ToolError.
 
     The first call runs in this thread, the others in the process's tool pool, so one
     turn's calls overlap and a single call costs no thread hand-off.
     """
-    timeout = runtime.settings.tools.call_timeout_s
+    timeout = max(0.001, min(runtime.settings.tools.call_timeout_s, deadline.remaining()))
     limit = runtime.settings.tools.max_output_chars
 
     def one(call: ChatCompletionMessageToolCallUnion) -> _Answer:
