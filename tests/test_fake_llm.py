@@ -425,7 +425,9 @@ def test_thousand_concurrent_requests_with_latency(slow: Fake) -> None:
     assert all(body["choices"][0]["finish_reason"] == "stop" for _, body in replies)
     print(f"1000 concurrent requests at 200 ms latency: {elapsed:.2f} s")
     # ~1 s on an idle 2-core machine; the bound leaves room for a busy one
-    assert 0.2 <= elapsed < 4.0, f"1000 requests at 200 ms took {elapsed:.2f} s"
+    # Serial would take 200 s; the bound is loose because CI machines are shared. The
+    # in-flight peak below is the real proof (bench/ has the measured numbers).
+    assert 0.2 <= elapsed < 30.0, f"1000 requests at 200 ms took {elapsed:.2f} s"
     stats = slow.stats()
     assert stats["completions"] == 1000
     assert stats["max_in_flight"] >= 900  # they waited side by side, not one after another
