@@ -11,25 +11,35 @@ from swarm_workers.runtime import Runtime
 if TYPE_CHECKING:
     from swarm_workers.celery_app import SwarmCelery
 
-__all__ = ["register", "runtime_for"]
+__all__ = ["close_runtime", "register", "runtime_for"]
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
-def runtime_for(app: SwarmCelery) -> Runtime:
-    """The process's Runtime, built by the first task that needs it."""
+def runtime_for(app: SwarmCelery, worker_name: str | None = None) -> Runtime:
+    """The process's Runtime: built at worker start (see worker.py), else on first use."""
     global _runtime
     if _runtime is None:
         with _runtime_lock:
             if _runtime is None:
-                _runtime = Runtime.build(app.swarm_settings)
+                _runtime = Runtime.build(app.swarm_settings, worker_name)
     return _runtime
+
+
+def close_runtime() -> None:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is not None:
+            _runtime.close()
+            _runtime = None
 
 
 def register(app: SwarmCelery) -> None:
     from swarm_workers.celery_app import RUN_AGENT
 
-    @app.task(name=RUN_AGENT, acks_late=True, reject_on_worker_lost=True, typing=False)
-    def run_agent(payload: dict[str, Any]) -> dict[str, Any]:
-        return execute(payload, runtime_for(app))
+    @app.task(
+        name=RUN_AGENT, bind=True, acks_late=True, reject_on_worker_lost=True, typing=False
+    )
+    def run_agent(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+        return execute(payload, runtime_for(app, self.request.hostname))

@@ -20,14 +20,14 @@ from typing import Any
 
 from celery import bootsteps
 
-from swarm_workers import metrics
+from swarm_workers import metrics, tasks
 from swarm_workers.celery_app import SwarmCelery, create_app
 from swarm_workers.config import Settings
 from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, worker_queues
 from swarm_workers.runtime import redis_client
 
-__all__ = ["Heartbeat", "MetricsEndpoint", "run_worker", "worker_argv"]
+__all__ = ["Heartbeat", "MetricsEndpoint", "ProcessRuntime", "run_worker", "worker_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,19 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
             self._timer.cancel()
         if self._redis is not None:
             self._redis.close()
+
+
+class ProcessRuntime(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Builds the process's clients at start (so MCP discovery happens at boot, not in
+    the first task) and closes them after the pool has drained on shutdown."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def start(self, parent: Any) -> None:
+        tasks.runtime_for(parent.app, parent.hostname)
+
+    def stop(self, parent: Any) -> None:
+        tasks.close_runtime()
 
 
 class MetricsEndpoint(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -109,6 +122,7 @@ def build_worker_app(settings: Settings, roles: Sequence[str]) -> SwarmCelery:
     app = create_app(settings)
     app.steps["consumer"].add(Heartbeat)
     app.steps["worker"].add(MetricsEndpoint)
+    app.steps["worker"].add(ProcessRuntime)
     return app
 
 

@@ -25,10 +25,11 @@ def client(redis_url: str) -> Iterator[SwarmClient]:
 
 
 def test_submit_and_wait_for_a_result(start_worker: WorkerFactory, client: SwarmClient) -> None:
-    start_worker()
+    worker = start_worker()
     handle = client.submit("hello swarm", priority="P1")
     result = handle.result(timeout=30)
     assert result.ok, result.error
+    assert result.worker == worker.hostname
     assert result.task_id == handle.id
     assert result.output
     assert result.attempts == 1
