@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -67,6 +68,9 @@ def worker(
     from swarm_workers.worker import run_worker
 
     settings = _settings(config)
+    if config is not None:
+        # The tool registry re-reads the file named here to pick up new MCP servers.
+        os.environ["SWARM_CONFIG"] = str(config)
     try:
         run_worker(
             settings,
@@ -205,7 +209,6 @@ def flower(
     Task arguments show as a redacted summary (role, priority, id, prompt length):
     producers set Celery's argsrepr, never the prompt. Extra options go to Flower.
     """
-    import os
 
     from swarm_workers.celery_app import create_app
 
@@ -287,8 +290,9 @@ def fake_llm(
     latency_ms: Annotated[float, typer.Option(help="Fixed latency of every reply.")] = 200.0,
     rpm: Annotated[int | None, typer.Option(help="Requests per minute before 429s.")] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens per minute before 429s.")] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="FAKE_LLM_API_KEY",
-                                                help="Require this bearer key.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="FAKE_LLM_API_KEY", help="Require this bearer key.")
+    ] = None,
 ) -> None:
     """Serve the fake OpenAI-compatible provider, for demos, CI and load tests.
 

@@ -60,5 +60,6 @@ class Runtime:
         return ":".join((self.settings.key_prefix, *parts))
 
     def close(self) -> None:
+        self.tools.close()
         self.redis.close()
         self.llm.close()

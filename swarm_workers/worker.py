@@ -137,6 +137,9 @@ def run_worker(
 ) -> None:
     """Run a worker in this process until it is told to stop (blocks)."""
     app = build_worker_app(settings, roles)
+    # Every LLM and MCP request would be an INFO line: keep the worker's log readable.
+    for chatty in ("httpx", "httpx2", "mcp"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     threads = concurrency or max(settings.role(r).concurrency for r in roles)
     app.worker_main(
         worker_argv(roles, priorities, concurrency=threads, loglevel=loglevel, hostname=hostname)

@@ -23,6 +23,8 @@ from swarm_workers.processes import free_port, wait_until
 
 __all__ = ["ROOT", "free_port", "wait_until"]
 
+pytest_plugins = ["tests.mcp_fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,10 +52,10 @@ class RedisServer:
         """(Re)start a server we own on the same port, e.g. after a broker-loss test."""
         if self.dir is None:
             raise RuntimeError("cannot restart an external Redis")
-        self.proc = _spawn_redis(self.port, self.dir)
+        self.proc = spawn_redis(self.port, self.dir)
 
 
-def _spawn_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def spawn_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail(
@@ -108,19 +110,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     workdir = tmp_path_factory.mktemp("redis")
     port = free_port()
     server = RedisServer(
-        url=f"redis://127.0.0.1:{port}/0", port=port, proc=_spawn_redis(port, workdir), dir=workdir
+        url=f"redis://127.0.0.1:{port}/0", port=port, proc=spawn_redis(port, workdir), dir=workdir
     )
     yield server
     server.stop()
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """A real, empty Redis for this test."""
     client = redis_server.client()
     client.flushdb()
     client.close()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture
@@ -186,6 +188,7 @@ class WorkerProcess:
     proc: subprocess.Popen[bytes]
     log: Path
     hostname: str
+    heartbeat: Path
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -260,7 +263,7 @@ class WorkerFactory:
             proc = subprocess.Popen(
                 args, env=proc_env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
             )
-        worker = WorkerProcess(proc=proc, log=log, hostname=hostname)
+        worker = WorkerProcess(proc=proc, log=log, hostname=hostname, heartbeat=heartbeat)
         self.started.append(worker)
 
         def ready() -> bool:

@@ -83,6 +83,10 @@ class Toolset(Protocol):
         """Text of the role's resources (`RoleSettings.resources`) for its system prompt."""
         ...
 
+    def close(self) -> None:
+        """Release connections (MCP sessions, stdio server processes) at worker shutdown."""
+        ...
+
 
 def is_allowed(name: str, allowed: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed)
@@ -164,3 +168,6 @@ class LocalToolset:
 
     def role_context(self, role: RoleSettings) -> str:
         return ""  # local tools have no resources
+
+    def close(self) -> None:
+        return None
