@@ -26,8 +26,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.05) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
     """Poll `predicate` until it is true; TimeoutError naming `what` otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -69,13 +70,24 @@ class ProcessGroup:
     log_dir: Path | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
 
-    def spawn(self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-              cwd: Path | None = None) -> ManagedProcess:
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> ManagedProcess:
         log = (self.log_dir / f"{name}.log") if self.log_dir else None
         out = log.open("wb") if log else subprocess.DEVNULL
         try:
-            proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, cwd=cwd,
-                                    stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                list(argv),
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         finally:
             if log:
                 out.close()  # type: ignore[union-attr]
@@ -90,6 +102,10 @@ class ProcessGroup:
     def __enter__(self) -> ProcessGroup:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop_all()

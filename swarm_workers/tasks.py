@@ -38,8 +38,6 @@ def close_runtime() -> None:
 def register(app: SwarmCelery) -> None:
     from swarm_workers.celery_app import RUN_AGENT
 
-    @app.task(
-        name=RUN_AGENT, bind=True, acks_late=True, reject_on_worker_lost=True, typing=False
-    )
+    @app.task(name=RUN_AGENT, bind=True, acks_late=True, reject_on_worker_lost=True, typing=False)
     def run_agent(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         return execute(payload, runtime_for(app, self.request.hostname))

@@ -19,8 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +37,8 @@ from swarm_workers.config import Settings, load_settings
 from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, queue_name
 
+from .conftest import RedisServer, WorkerFactory, free_port, spawn_redis, wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -50,10 +50,6 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "swarm-workers.json"
 K8S_VERSION = "1.33.0"
 IMAGE = "swarm-workers"  # the name the manifests use; overlays rewrite it with `images:`
 KEDA_API = "keda.sh/v1alpha1"
-
-# `swarm` subcommands that another issue is still adding: while missing it xfails (and
-# says so) instead of failing. Remove a name once its command lands.
-PENDING_COMMANDS = {"fake-llm"}
 
 # The metric contract the dashboard is built on (name -> kind, labels).
 METRICS: dict[str, tuple[str, set[str]]] = {
@@ -99,9 +95,6 @@ def _check_swarm_argv(argv: list[str], where: str) -> None:
     commands = _cli_commands()
     name = argv[0]
     if name not in commands:
-        missing = sorted(PENDING_COMMANDS - set(commands))
-        if name in PENDING_COMMANDS:
-            pytest.xfail(f"`swarm {name}` is not registered yet (pending: {missing})")
         pytest.fail(f"{where}: `swarm {name}` is not a command; have {sorted(commands)}")
     command = commands[name]
     options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
@@ -938,9 +931,10 @@ def test_dashboard_uses_only_the_agreed_metrics_and_labels() -> None:
 
 
 def test_dashboard_matches_the_metrics_module() -> None:
-    """When swarm_workers.metrics exists, its names, kinds and labels are the contract."""
-    metrics = pytest.importorskip("swarm_workers.metrics")
+    """The names, kinds and labels of swarm_workers.metrics are the dashboard's contract."""
     from prometheus_client.metrics import MetricWrapperBase
+
+    from swarm_workers import metrics
 
     defined: dict[str, tuple[str, set[str]]] = {}
     for value in vars(metrics).values():
@@ -948,8 +942,6 @@ def test_dashboard_matches_the_metrics_module() -> None:
             kind = str(value._type)
             exposed = value._name + ("_total" if kind == "counter" else "")
             defined[exposed] = (kind, set(value._labelnames))
-    if not defined:
-        pytest.skip("swarm_workers.metrics defines no module-level metrics")
     assert defined == METRICS
 
 
@@ -1034,114 +1026,54 @@ def test_deploy_docs_cover_scaling_and_redis_choices() -> None:
 # --------------------------------------------------------------------------- live probe
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @pytest.fixture
-def probe_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def probe_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own: the test kills it."""
+    port = free_port()
+    server = RedisServer(
+        url=f"redis://127.0.0.1:{port}/0", port=port, proc=spawn_redis(port, tmp_path), dir=tmp_path
     )
-    try:
-
-        def answers() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    return sock.recv(16).startswith(b"+PONG")
-            except OSError:
-                return False
-
-        _wait_for(answers, 10, "redis-server")
-        yield proc, port
-    finally:
-        _stop(proc, grace=5)
+    yield server
+    server.stop()
 
 
-def test_healthcheck_follows_the_worker_heartbeat(
-    probe_redis: tuple[subprocess.Popen[bytes], int], tmp_path: Path
-) -> None:
+def test_healthcheck_follows_the_worker_heartbeat(probe_redis: RedisServer, tmp_path: Path) -> None:
     """The liveness command passes on a live worker and fails once the broker is gone."""
-    redis_proc, port = probe_redis
-    heartbeat = tmp_path / "hb" / "worker.heartbeat"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWARM_")}
-    env.update(
-        REDIS_URL=f"redis://127.0.0.1:{port}/0",
-        SWARM_WORKER_HEARTBEAT_FILE=str(heartbeat),
-        SWARM_WORKER_HEARTBEAT_INTERVAL_S="1",
+    workers = WorkerFactory(
+        redis_url=probe_redis.url, tmp_path=tmp_path, env={"SWARM_WORKER_HEARTBEAT_INTERVAL_S": "1"}
     )
-    swarm = [sys.executable, "-m", "swarm_workers.cli"]
-    log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        [*swarm, "worker", "--role", "default", "--concurrency", "2", "--loglevel", "WARNING"],
-        env=env,
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    def healthcheck(max_age: float) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*swarm, "healthcheck", "--max-age", str(max_age)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
     try:
-        _wait_for(lambda: heartbeat.exists() or worker.poll() is not None, 60, "first heartbeat")
-        assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+        worker = workers(concurrency=2)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SWARM_")}
+        env.update(REDIS_URL=probe_redis.url, SWARM_WORKER_HEARTBEAT_FILE=str(worker.heartbeat))
+
+        def healthcheck(max_age: float) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "swarm_workers.cli",
+                    "healthcheck",
+                    "--max-age",
+                    str(max_age),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
         time.sleep(3)  # older than --max-age unless the worker keeps touching it
         fresh = healthcheck(3)
         assert fresh.returncode == 0, fresh.stdout + fresh.stderr
 
-        _stop(redis_proc, grace=5)  # the broker dies; the worker process lives on
-        _wait_for(lambda: time.time() - heartbeat.stat().st_mtime > 4, 30, "a stale heartbeat")
+        probe_redis.stop()  # the broker dies; the worker process lives on
+        wait_until(
+            lambda: time.time() - worker.heartbeat.stat().st_mtime > 4, 30, "a stale heartbeat"
+        )
         stale = healthcheck(3)
         assert stale.returncode == 1, stale.stdout + stale.stderr
         assert "unhealthy" in stale.stdout + stale.stderr
-        assert worker.poll() is None, "the worker should still be running (reconnecting)"
+        assert worker.proc.poll() is None, "the worker should still be running (reconnecting)"
     finally:
-        _stop(worker, grace=10)  # reconnect back-off can delay a warm shutdown
-        log.close()
+        workers.stop_all()
