@@ -83,6 +83,8 @@ def create_app(settings: Settings) -> SwarmCelery:
         broker_channel_error_retry=True,
     )
     from swarm_workers import tasks
+    from swarm_workers.dag import tasks as dag_tasks
 
     tasks.register(app)
+    dag_tasks.register(app)
     return app

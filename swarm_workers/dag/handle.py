@@ -1,0 +1,195 @@
+"""A submitted DAG: per-node status (and why), waiting, and each node's result.
+
+>>> dag = client.submit_dag([Node("a", "Find X"), Node("s", "Sum", deps=["a"])])  # doctest: +SKIP
+>>> status = dag.wait(timeout=600)                                        # doctest: +SKIP
+>>> status.state, status.outputs["s"]                                     # doctest: +SKIP
+('succeeded', '...')
+>>> [(n.node, n.reason) for n in status.failed]                           # doctest: +SKIP
+[]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from swarm_workers.dag.outcome import NodeState, Outcome, blocked
+from swarm_workers.dag.store import DagRecord, DagStore
+from swarm_workers.errors import ResultTimeout
+from swarm_workers.models import Priority, TaskResult
+
+if TYPE_CHECKING:
+    from swarm_workers.client import SwarmClient
+
+__all__ = ["DagHandle", "DagState", "DagStatus", "NodeStatus"]
+
+DagState = Literal["running", "succeeded", "failed"]
+
+_CELERY_STATES = {"STARTED": NodeState.RUNNING, "RETRY": NodeState.RUNNING}
+
+
+class NodeStatus(BaseModel):
+    """One node: `state` is pending, running, done, failed or skipped; `reason` says why.
+
+    `origin` names the node whose failure this one follows (itself for its own).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    task_id: str
+    role: str
+    priority: Priority
+    state: NodeState
+    reason: str | None = None
+    origin: str | None = None
+    result: TaskResult | None = None
+
+
+class DagStatus(BaseModel):
+    """The whole DAG at one moment.
+
+    `state` is `running` until every node is done, failed or skipped; then `failed` if
+    a node failed under `on_failure: fail` (or downstream of one), else `succeeded`
+    (failures under `skip` and the nodes they skipped do not fail the DAG).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    dag_id: str
+    name: str | None = None
+    state: DagState
+    nodes: dict[str, NodeStatus]
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "succeeded"
+
+    @property
+    def failed(self) -> list[NodeStatus]:
+        return [n for n in self.nodes.values() if n.state is NodeState.FAILED]
+
+    @property
+    def skipped(self) -> list[NodeStatus]:
+        return [n for n in self.nodes.values() if n.state is NodeState.SKIPPED]
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        """The output of every node that is done."""
+        return {
+            n.node: n.result.output or ""
+            for n in self.nodes.values()
+            if n.state is NodeState.DONE and n.result is not None
+        }
+
+
+class DagHandle:
+    """A DAG that was submitted: `status()`, `wait(timeout)`, `result(node)`.
+
+    >>> dag = client.submit_dag(nodes)              # doctest: +SKIP
+    >>> dag.wait(600).ok                            # doctest: +SKIP
+    True
+    >>> DagHandle.attach(client, dag.id).status()   # doctest: +SKIP
+    """
+
+    def __init__(self, client: SwarmClient, record: DagRecord) -> None:
+        self.client = client
+        self.record = record
+        self._store = DagStore(client.app.backend.client, client.settings)
+        self._recorded: dict[str, TaskResult] = {}  # results never change once stored
+
+    @classmethod
+    def attach(cls, client: SwarmClient, dag_id: str) -> DagHandle:
+        """A handle for a DAG submitted earlier, maybe by another process."""
+        store = DagStore(client.app.backend.client, client.settings)
+        return cls(client, store.record(dag_id))
+
+    @property
+    def id(self) -> str:
+        return self.record.dag_id
+
+    def task_id(self, node: str) -> str:
+        return self.record.nodes[node].task_id
+
+    def result(self, node: str, timeout: float = 300.0) -> TaskResult:
+        """Wait for one node's recorded result."""
+        return self.client.result(self.task_id(node), timeout=timeout)
+
+    def wait(self, timeout: float = 600.0, interval: float = 0.2) -> DagStatus:
+        """Poll until every node is done, failed or skipped; raises ResultTimeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status.finished:
+                return status
+            if time.monotonic() >= deadline:
+                raise ResultTimeout(f"DAG {self.id}", timeout)
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 1.5, 2.0)
+
+    def status(self) -> DagStatus:
+        """Each node's state; a node downstream of a failure shows it at once."""
+        unknown = [n.task_id for n in self.record.nodes.values() if n.task_id not in self._recorded]
+        for task_id, result in zip(unknown, self._store.results(unknown), strict=True):
+            if result is not None:
+                self._recorded[task_id] = result
+        celery = self._celery_states([t for t in unknown if t not in self._recorded])
+
+        outcomes: dict[str, Outcome] = {}
+        nodes: dict[str, NodeStatus] = {}
+        for node, spec in self.record.nodes.items():  # topological: deps come first
+            result = self._recorded.get(spec.task_id)
+            stop = blocked([(dep, outcomes[dep]) for dep in spec.deps])
+            if result is not None and (result.ok or stop is None):
+                outcome = Outcome.of_result(node, result, spec.on_failure)
+            elif stop is not None:
+                outcome = stop
+            else:
+                outcome = celery.get(spec.task_id) or Outcome(NodeState.PENDING)
+                if outcome.state is NodeState.FAILED:
+                    outcome = Outcome.failed(node, outcome.reason or "crashed", spec.on_failure)
+            outcomes[node] = outcome
+            nodes[node] = NodeStatus(
+                node=node,
+                task_id=spec.task_id,
+                role=spec.role,
+                priority=spec.priority,
+                state=outcome.state,
+                reason=outcome.reason,
+                origin=outcome.origin,
+                result=result,
+            )
+        state: DagState = "running"
+        if all(o.state.terminal for o in outcomes.values()):
+            fatal = any(o.fatal for o in outcomes.values())
+            state = "failed" if fatal else "succeeded"
+        return DagStatus(dag_id=self.id, name=self.record.name, state=state, nodes=nodes)
+
+    def _celery_states(self, task_ids: list[str]) -> dict[str, Outcome]:
+        """Running, or crashed (Celery FAILURE: the task body raised), for unrecorded nodes."""
+        if not task_ids:
+            return {}
+        backend: Any = self.client.app.backend
+        raws = backend.mget([backend.get_key_for_task(t) for t in task_ids])
+        found: dict[str, Outcome] = {}
+        for task_id, raw in zip(task_ids, raws, strict=True):
+            if raw is None:
+                continue
+            meta = backend.decode_result(raw)
+            if meta["status"] in ("FAILURE", "REVOKED"):
+                error = meta.get("result")
+                found[task_id] = Outcome(
+                    NodeState.FAILED, f"crashed: {type(error).__name__}: {error}"
+                )
+            elif meta["status"] in _CELERY_STATES:
+                found[task_id] = Outcome(_CELERY_STATES[meta["status"]])
+        return found
+
+    def __repr__(self) -> str:
+        return f"DagHandle(id={self.id}, nodes={len(self.record.nodes)})"
