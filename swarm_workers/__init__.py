@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from swarm_workers.client import SwarmClient, TaskHandle
     from swarm_workers.config import Settings, load_settings
+    from swarm_workers.dag import DagHandle, DagSpec, DagStatus, Node
     from swarm_workers.errors import (
         Backpressure,
         ConfigError,
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 
 # Imported on first use: `python -m swarm_workers.fakes...` must not pay for Celery.
 _EXPORTS = {
+    "DagHandle": "dag",
+    "DagSpec": "dag",
+    "DagStatus": "dag",
+    "Node": "dag",
     "AgentTask": "models",
     "Backpressure": "errors",
     "ConfigError": "errors",
@@ -57,7 +62,11 @@ __all__ = [
     "Backpressure",
     "ConfigError",
     "DagError",
+    "DagHandle",
+    "DagSpec",
+    "DagStatus",
     "InvalidTask",
+    "Node",
     "PayloadTooLarge",
     "Priority",
     "ProviderError",

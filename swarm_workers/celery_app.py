@@ -76,10 +76,14 @@ def create_app(settings: Settings) -> SwarmCelery:
             "socket_connect_timeout": 5,
             "health_check_interval": 25,
         },
-        result_backend_transport_options={"visibility_timeout": worker.visibility_timeout_s},
+        result_backend_transport_options={
+            "visibility_timeout": worker.visibility_timeout_s,
+            # A chord header counted by (task id, index) in a sorted set: a redelivered
+            # header adds nothing. Celery reads this here, not at the top level.
+            "result_chord_ordered": True,
+        },
         result_expires=settings.limits.result_ttl_s,
         result_extended=False,
-        result_chord_ordered=True,
         broker_channel_error_retry=True,
     )
     from swarm_workers import tasks

@@ -38,6 +38,13 @@ def close_runtime() -> None:
 def register(app: SwarmCelery) -> None:
     from swarm_workers.celery_app import RUN_AGENT
 
-    @app.task(name=RUN_AGENT, bind=True, acks_late=True, reject_on_worker_lost=True, typing=False)
+    @app.task(
+        name=RUN_AGENT,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        typing=False,
+        shared=False,  # this app only: several apps may live in one process (tests, demo)
+    )
     def run_agent(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         return execute(payload, runtime_for(app, self.request.hostname))

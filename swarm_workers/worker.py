@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 
 from swarm_workers import metrics, tasks
 from swarm_workers.celery_app import SwarmCelery, create_app
@@ -68,16 +68,19 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 class ProcessRuntime(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Builds the process's clients at start (so MCP discovery happens at boot, not in
-    the first task) and closes them after the pool has drained on shutdown."""
+    """Builds the process's clients at start, so MCP discovery happens at boot and not
+    in the first task. They are closed on `worker_shutdown`, which Celery sends after
+    the pool has finished its tasks (a step's stop() would run before the pool's)."""
 
     requires = ("celery.worker.components:Pool",)
 
     def start(self, parent: Any) -> None:
         tasks.runtime_for(parent.app, parent.hostname)
+        signals.worker_shutdown.connect(_close_runtime, weak=False)
 
-    def stop(self, parent: Any) -> None:
-        tasks.close_runtime()
+
+def _close_runtime(**_: Any) -> None:
+    tasks.close_runtime()
 
 
 class MetricsEndpoint(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -140,6 +143,10 @@ def run_worker(
     # Every LLM and MCP request would be an INFO line: keep the worker's log readable.
     for chatty in ("httpx", "httpx2", "mcp"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    if settings.redact_prompts:
+        # Celery logs every task's return value at INFO ("succeeded in 0.1s: {...}"):
+        # agent outputs may quote private prompts. Failures still log at ERROR.
+        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
     threads = concurrency or max(settings.role(r).concurrency for r in roles)
     app.worker_main(
         worker_argv(roles, priorities, concurrency=threads, loglevel=loglevel, hostname=hostname)
