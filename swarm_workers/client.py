@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from swarm_workers.celery_app import RUN_AGENT, SwarmCelery, create_app
 from swarm_workers.config import Settings, load_settings
+from swarm_workers.dag import DagHandle, DagSpec, Node
 from swarm_workers.errors import InvalidTask, PayloadTooLarge, ResultTimeout
 from swarm_workers.models import (
     AgentTask,
@@ -26,6 +27,7 @@ from swarm_workers.models import (
     TaskStatus,
 )
 from swarm_workers.queues import queue_name
+from swarm_workers.ratelimit.admission import AdmissionControl
 
 __all__ = ["SwarmClient", "TaskHandle"]
 
@@ -72,6 +74,7 @@ class SwarmClient:
             settings = load_settings(None, **({"redis_url": redis_url} if redis_url else {}))
         self.settings = settings
         self.app = app or create_app(settings)
+        self.admission = AdmissionControl.from_settings(settings)
 
     def build_task(
         self,
@@ -117,8 +120,18 @@ class SwarmClient:
     def submit(self, prompt: str | None = None, **options: Any) -> TaskHandle:
         """Validate and enqueue one task on `p<N>.<role>`. Nothing is sent if invalid."""
         task = self.build_task(prompt, **options)
+        self.admission.check(queue_name(task.priority, task.role))  # Backpressure
         self.enqueue(task)
         return TaskHandle(self, task)
+
+    def submit_dag(self, nodes: Sequence[Node] | DagSpec, **options: Any) -> DagHandle:
+        """Validate a DAG of agent tasks and enqueue it as one canvas (see `swarm_workers.dag`).
+
+        Options: `on_failure="fail"|"skip"`, `name`. Nothing is sent if anything is invalid.
+        """
+        from swarm_workers.dag.submit import submit_dag
+
+        return submit_dag(self, nodes, **options)
 
     def enqueue(self, task: AgentTask) -> None:
         self.app.send_task(
@@ -163,6 +176,7 @@ class SwarmClient:
         return TaskStatus(task_id=task_id, state=_CELERY_STATES.get(state, TaskState.QUEUED))
 
     def close(self) -> None:
+        self.admission.close()
         self.app.close()
 
     def __enter__(self) -> SwarmClient:

@@ -22,6 +22,7 @@ are turned into a tool message the model reads and can correct, never a crash.
     │   ├── ProviderUnavailable     429/5xx/network still failing after our retries
     │   └── ContextOverflow         the prompt cannot fit the model's context
     ├── RateLimited                 the cluster bucket made us wait past the bound
+    │   └── RequestTooLarge         bigger than the bucket can ever hold
     ├── TimeLimitExceeded           the task ran past worker.task_time_limit_s
     └── ToolError                   shown to the model as the tool's result
         ├── UnknownTool
@@ -48,6 +49,7 @@ __all__ = [
     "ProviderRejected",
     "ProviderUnavailable",
     "RateLimited",
+    "RequestTooLarge",
     "ResultTimeout",
     "SwarmError",
     "TimeLimitExceeded",
@@ -190,13 +192,32 @@ class ContextOverflow(ProviderError):
 class RateLimited(SwarmError):
     """The cluster-wide bucket asked us to wait longer than this priority may."""
 
-    def __init__(self, key: str, waited: float, bound: float) -> None:
+    def __init__(
+        self, key: str, waited: float, bound: float, *, message: str | None = None
+    ) -> None:
         super().__init__(
-            f"rate limit {key}: waited {waited:.1f}s, more than the {bound:.1f}s this priority may"
+            message
+            or f"rate limit {key}: waited {waited:.1f}s, more than the {bound:.1f}s this "
+            "priority may"
         )
         self.key = key
         self.waited = waited
         self.bound = bound
+
+
+class RequestTooLarge(RateLimited):
+    """The request needs more than a bucket can ever hold: waiting would never end."""
+
+    def __init__(self, key: str, amount: float, capacity: float) -> None:
+        super().__init__(
+            key,
+            0.0,
+            0.0,
+            message=f"rate limit {key}: a request of {amount:g} exceeds the bucket's capacity "
+            f"of {capacity:g}; raise ratelimit.burst_s or the limit, or send a smaller request",
+        )
+        self.amount = amount
+        self.capacity = capacity
 
 
 class TimeLimitExceeded(SwarmError):

@@ -52,5 +52,11 @@ class Unlimited:
 
 
 def build_limiter(settings: Settings, client: redis.Redis) -> Limiter:
-    """The limiter a worker process uses (placeholder until the bucket lands)."""
-    return Unlimited()
+    """The limiter a worker process uses: the Redis token bucket for every model with a
+    `ratelimit.models` entry (or under a `"*"` entry), `Unlimited` when disabled or empty.
+    """
+    if not settings.ratelimit.enabled or not settings.ratelimit.models:
+        return Unlimited()
+    from swarm_workers.ratelimit.bucket import TokenBucketLimiter  # bucket imports this module
+
+    return TokenBucketLimiter(client, settings.ratelimit, prefix=settings.key_prefix)

@@ -1,0 +1,72 @@
+"""Admission control for producers: refuse a submit while its queue is too deep.
+
+Each priority has a high-water mark (`admission.high_water`; P0 has none by default).
+`check(queue)` reads the depth of the queue's Redis list (with kombu's
+`priority_steps=[0]` the list key is the queue name, `p2.research`) and raises
+`Backpressure` when the queue already holds `mark` tasks or more, with a suggested
+retry delay: the tasks above the mark divided by `drain_rate_per_s`, between
+`MIN_RETRY_S` and `MAX_RETRY_S`. Nothing is enqueued when it raises.
+
+The mark is soft: the depth is read, then the task is sent, so producers racing at
+the mark can overshoot it by how many of them submit at once.
+
+>>> admission = AdmissionControl(redis.Redis(), AdmissionSettings())
+>>> admission.check("p2.research")  # raises Backpressure above 20 000 tasks
+"""
+
+from __future__ import annotations
+
+import redis
+
+from swarm_workers.config import AdmissionSettings, Settings
+from swarm_workers.errors import Backpressure
+from swarm_workers.queues import parse_queue
+
+__all__ = ["MAX_RETRY_S", "MIN_RETRY_S", "AdmissionControl", "retry_delay"]
+
+MIN_RETRY_S = 1.0
+MAX_RETRY_S = 300.0
+
+
+def retry_delay(depth: int, mark: int, drain_rate_per_s: float) -> float:
+    """Seconds until the queue is likely back under its mark.
+
+    >>> retry_delay(20_500, 20_000, 50.0)
+    10.02
+    """
+    over = depth - mark + 1
+    return min(MAX_RETRY_S, max(MIN_RETRY_S, over / drain_rate_per_s))
+
+
+class AdmissionControl:
+    """Checks a queue's depth against its priority's high-water mark before a submit.
+
+    >>> AdmissionControl.from_settings(load_settings(None)).check("p1.default")
+    """
+
+    def __init__(self, client: redis.Redis, settings: AdmissionSettings) -> None:
+        self.client = client
+        self.settings = settings
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdmissionControl:
+        """A checker on the broker's Redis (no connection is made until the first check)."""
+        return cls(redis.Redis.from_url(settings.redis_url), settings.admission)
+
+    def mark(self, queue: str) -> int | None:
+        """The high-water mark of `queue` (`p<N>.<role>`); None: unbounded."""
+        priority, _ = parse_queue(queue)
+        return self.settings.high_water.get(priority)
+
+    def check(self, queue: str) -> None:
+        """Raise `Backpressure` if `queue` holds `mark` tasks or more."""
+        mark = self.mark(queue)
+        if mark is None:
+            return
+        depth = int(self.client.llen(queue))
+        if depth >= mark:
+            delay = retry_delay(depth, mark, self.settings.drain_rate_per_s)
+            raise Backpressure(queue, depth, mark, delay)
+
+    def close(self) -> None:
+        self.client.close()
