@@ -118,9 +118,8 @@ def main() -> int:
         )
         print(f"  submit: {args.tasks / submit_s:8.0f} tasks/s  ({submit_s:.2f} s)")
         print(f"  drain:  {args.tasks / span:8.0f} tasks/s  ({span:.2f} s, failed={failed})")
-        print(
-            f"  queue wait p50={waits[len(waits) // 2]:.2f}s p99={waits[int(len(waits) * 0.99)]:.2f}s"
-        )
+        p50, p99 = waits[len(waits) // 2], waits[int(len(waits) * 0.99)]
+        print(f"  queue wait p50={p50:.2f}s p99={p99:.2f}s")
         print(f"  = {args.tasks / span * 86400 / 1e6:.1f} M tasks/day")
         return 1 if failed else 0
 

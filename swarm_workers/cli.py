@@ -133,26 +133,69 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Queue depth per role and priority (the Redis lists the workers drain)."""
+    """The fleet at a glance: queue depth per role and priority, workers online, token
+    bucket levels, MCP breaker states and tool-registry age."""
+    from swarm_workers.celery_app import create_app
+    from swarm_workers.fleet import fleet_status
     from swarm_workers.runtime import redis_client
 
     settings = _settings(config)
-    client = redis_client(settings.redis_url)
-    pipe = client.pipeline()
-    names = [queue_name(p, r) for r in settings.roles for p in ALL_PRIORITIES]
-    for name in names:
-        pipe.llen(name)
-    depths = dict(zip(names, pipe.execute(), strict=True))
+    snapshot = fleet_status(settings, redis_client(settings.redis_url), app=create_app(settings))
     if as_json:
-        typer.echo(json.dumps({"queues": depths}, indent=2))
+        typer.echo(snapshot.model_dump_json(indent=2))
         return
-    table = Table(title="queue depth")
+    out = Console()
+    table = Table(title="queued tasks")
     table.add_column("role")
     for p in ALL_PRIORITIES:
         table.add_column(p.value, justify="right")
     for role in settings.roles:
-        table.add_row(role, *(str(depths[queue_name(p, role)]) for p in ALL_PRIORITIES))
-    Console().print(table)
+        table.add_row(role, *(str(snapshot.queues[queue_name(p, role)]) for p in ALL_PRIORITIES))
+    out.print(table)
+    out.print(
+        f"workers online: {len(snapshot.workers or [])} "
+        f"{', '.join(snapshot.workers or []) or '(none answered within 1 s)'}"
+    )
+    for model, levels in snapshot.buckets.items():
+        out.print(f"bucket {model}: " + ", ".join(f"{k} {v:.0%} full" for k, v in levels.items()))
+    for server, state in snapshot.breakers.items():
+        age = snapshot.registry_age_s.get(server)
+        out.print(
+            f"MCP {server}: breaker {state}, tool list "
+            + ("not cached" if age is None else f"{age:.0f}s old")
+        )
+
+
+@app.command()
+def purge(
+    queue: Annotated[str, typer.Option("--queue", "-q", help="Queue to empty, e.g. p2.research.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Delete every task waiting in one queue (running tasks are not touched)."""
+    from swarm_workers.queues import parse_queue
+    from swarm_workers.runtime import redis_client
+
+    settings = _settings(config)
+    try:
+        _, role = parse_queue(queue)
+        settings.role(role)
+    except (ValueError, SwarmError) as exc:
+        console.print(f"[red]not a queue of this fleet:[/red] {queue} ({exc})")
+        raise typer.Exit(2) from None
+    client = redis_client(settings.redis_url)
+    waiting = int(client.llen(queue))
+    if waiting == 0:
+        typer.echo(f"{queue} is empty")
+        return
+    if not yes and not typer.confirm(f"Delete {waiting} waiting tasks from {queue}?"):
+        raise typer.Exit(1)
+    # One atomic step: tasks enqueued after the count are deleted too, and reported.
+    pipe = client.pipeline()
+    pipe.llen(queue)
+    pipe.delete(queue)
+    removed, _ = pipe.execute()
+    typer.echo(f"deleted {removed} tasks from {queue}")
 
 
 @app.command()
@@ -306,6 +349,34 @@ def fake_llm(
         if value is not None:
             argv += [flag, str(value)]
     raise typer.Exit(serve_fake(argv))
+
+
+@app.command()
+def demo(
+    fast: Annotated[bool, typer.Option("--fast", help="A smaller sample DAG.")] = False,
+    own_redis: Annotated[
+        bool,
+        typer.Option(
+            "--own-redis", help="Always start a private redis-server, even if one answers."
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
+) -> None:
+    """Run a whole swarm on this machine: Redis, fake LLM, MCP server, workers, a DAG.
+
+    Needs no Redis, API key or config. With SWARM_LLM_BASE_URL/SWARM_LLM_API_KEY set it
+    uses that endpoint instead of the fake provider. Every process it starts is stopped.
+    """
+    import dataclasses
+
+    from swarm_workers.demo import run_demo
+
+    out = Console(stderr=as_json)
+    report = run_demo(fast=fast, own_redis=own_redis, console=out, timeout_s=timeout)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(report) | {"ok": report.ok}, indent=2))
+    raise typer.Exit(0 if report.ok else 1)
 
 
 def main() -> None:
