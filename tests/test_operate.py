@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
 
-from .conftest import ROOT, WorkerFactory, free_port, wait_until
+from .conftest import ROOT, FakeLLM, WorkerFactory, free_port, wait_until
 
 
 @pytest.fixture
@@ -49,21 +50,34 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-def test_worker_metrics_move_after_a_task(start_worker: WorkerFactory, client: SwarmClient) -> None:
+def test_worker_metrics_move_after_a_task(
+    start_worker: WorkerFactory, client: SwarmClient, fake_llm: FakeLLM
+) -> None:
     port = free_port()
-    start_worker(env={"SWARM_WORKER_METRICS_PORT": str(port)})
+    start_worker(
+        env={
+            "SWARM_WORKER_METRICS_PORT": str(port),
+            "SWARM_LLM_BASE_URL": fake_llm.base_url,
+            "SWARM_RATELIMIT_MODELS": json.dumps({"fake-gpt": {"rpm": 6000, "tpm": 10**6}}),
+        }
+    )
     url = f"http://127.0.0.1:{port}/metrics"
-    before = _sample(
-        httpx.get(url).text, "swarm_tasks_total", role="default", priority="P0", outcome="succeeded"
-    )
-    assert before is None
+    labels = {"role": "default", "priority": "P0"}
+    assert _sample(httpx.get(url).text, "swarm_tasks_total", outcome="succeeded", **labels) is None
+    fake_llm.fault(429, 1, retry_after=0.1)
     assert client.submit("count me", priority="P0").result(timeout=30).ok
+
     text = httpx.get(url).text
+    assert _sample(text, "swarm_tasks_total", outcome="succeeded", **labels) == 1.0
+    assert _sample(text, "swarm_task_run_seconds_count", **labels) == 1.0
+    assert _sample(text, "swarm_task_queue_wait_seconds_count", **labels) == 1.0
+    assert _sample(text, "swarm_llm_request_seconds_count", model="fake-gpt") == 1.0
     assert (
-        _sample(text, "swarm_tasks_total", role="default", priority="P0", outcome="succeeded")
-        == 1.0
-    )
-    assert _sample(text, "swarm_task_run_seconds_count", role="default", priority="P0") == 1.0
+        _sample(text, "swarm_llm_tokens_total", model="fake-gpt", direction="completion") or 0
+    ) > 0
+    assert _sample(text, "swarm_llm_429_total", model="fake-gpt") == 1.0
+    # One wait on the bucket per attempt: the refused one and the one that succeeded.
+    assert _sample(text, "swarm_bucket_wait_seconds_count", model="fake-gpt", priority="P0") == 2.0
 
 
 def test_exporter_reports_queue_depth(redis_url: str, client: SwarmClient) -> None:

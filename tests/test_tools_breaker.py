@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from swarm_workers.config import BreakerSettings
+from swarm_workers.metrics import REGISTRY
 from swarm_workers.tools.breaker import CircuitBreaker
 
 Pair = tuple[CircuitBreaker, CircuitBreaker]
@@ -47,6 +48,9 @@ def test_opens_after_failures_and_every_worker_fails_fast(breakers: Pair) -> Non
     assert 0 < permit.retry_after_s <= FAST.cooldown_s
     assert b.state("search").reason == "boom"
     assert a.allow("other").allowed  # per server
+    gauge = "swarm_breaker_state"
+    assert REGISTRY.get_sample_value(gauge, {"server": "search"}) == 2.0  # open
+    assert REGISTRY.get_sample_value(gauge, {"server": "other"}) == 0.0  # closed
 
 
 def test_slow_calls_count_as_failures(breakers: Pair) -> None:

@@ -48,6 +48,7 @@ from swarm_workers.errors import (
     ProviderUnavailable,
     TimeLimitExceeded,
 )
+from swarm_workers.metrics import LLM_429
 from swarm_workers.models import Priority
 from swarm_workers.ratelimit.base import Limiter
 
@@ -245,6 +246,7 @@ def complete(
                 raise ProviderRejected(message, status=status) from None
             failure, hint = message, retry_after_s(exc.response.headers)
             if status == 429:
+                LLM_429.labels(request.model).inc()
                 penalty = hint if hint is not None else policy.ceiling(attempt)
                 limiter.penalize(request.model, penalty)
         except openai.APIConnectionError as exc:

@@ -51,6 +51,7 @@ from redis.cluster import RedisCluster
 
 from swarm_workers.config import ModelLimit, RateLimitSettings, Settings
 from swarm_workers.errors import ConfigError, RateLimited, RequestTooLarge
+from swarm_workers.metrics import BUCKET_WAIT
 from swarm_workers.models import Priority
 from swarm_workers.ratelimit.base import Reservation, Unlimited
 
@@ -340,6 +341,7 @@ class TokenBucketLimiter:
             sleep=self._sleep,
             rand=self._rand,
         )
+        BUCKET_WAIT.labels(model, priority.value).observe(waited)
         return BucketReservation(bucket, tokens, waited)
 
     def penalize(self, model: str, retry_after_s: float) -> None:

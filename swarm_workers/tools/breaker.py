@@ -30,12 +30,14 @@ from typing import Literal
 import redis
 
 from swarm_workers.config import BreakerSettings
+from swarm_workers.metrics import BREAKER_STATE
 
 __all__ = ["BreakerState", "CircuitBreaker", "Permit"]
 
 log = logging.getLogger(__name__)
 
 State = Literal["closed", "open", "half_open"]
+_GAUGE: dict[State, int] = {"closed": 0, "half_open": 1, "open": 2}  # swarm_breaker_state
 _SCRIPT = resources.files(__package__).joinpath("breaker.lua").read_text()
 
 
@@ -108,6 +110,7 @@ class CircuitBreaker:
             log.warning("breaker %s: Redis unavailable, letting the call through: %s", server, exc)
             return Permit(server, True, "closed")
         state_name = _state(state)
+        BREAKER_STATE.labels(server).set(_GAUGE[state_name])
         if int(decision) == 2:
             log.info("breaker %s: half-open, this worker sends the probe", server)
             return Permit(server, True, state_name, probe_token=token)
@@ -139,6 +142,7 @@ class CircuitBreaker:
             log.warning("breaker %s: could not record an outcome: %s", permit.server, exc)
             return permit.state
         new_state = _state(state)
+        BREAKER_STATE.labels(permit.server).set(_GAUGE[new_state])
         if int(changed):
             why = f" ({reason})" if failed else ""
             log.warning("breaker %s: now %s%s", permit.server, new_state, why)
