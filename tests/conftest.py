@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from swarm_workers.processes import free_port, wait_until
+from swarm_workers.processes import free_port, redis_server_argv, wait_until
 
 __all__ = ["ROOT", "free_port", "wait_until"]
 
@@ -64,21 +64,7 @@ def spawn_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
             pytrace=False,
         )
     proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--maxclients",
-            "10000",
-        ],
+        redis_server_argv(binary, port, workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
