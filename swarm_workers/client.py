@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from pydantic import ValidationError
 
@@ -150,7 +151,7 @@ class SwarmClient:
         async_result = self.handle(task_id)
         try:
             value = async_result.get(timeout=timeout, propagate=False, interval=0.2)
-        except TimeoutError:
+        except (CeleryTimeout, TimeoutError):
             raise ResultTimeout(task_id, timeout) from None
         status = self._status_of(task_id, async_result.state, value)
         assert status.result is not None  # a ready state always carries one

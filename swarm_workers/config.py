@@ -28,7 +28,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from swarm_workers.errors import ConfigError, UnknownRole
 from swarm_workers.models import Priority, RoleName
@@ -295,11 +300,14 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     data.update(overrides)
     try:
         return Settings(**data)
+    except SettingsError as exc:  # e.g. SWARM_ROLES holding JSON that does not parse
+        raise ConfigError(f"environment: {exc}") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
+        # The offending input is not echoed: it may be an API key or a header.
         raise ConfigError(
-            f"{first['msg']} (input: {first.get('input')!r})"
+            first["msg"]
             + (f" [{len(exc.errors()) - 1} more error(s)]" if len(exc.errors()) > 1 else ""),
             key=key,
             line=_line_of(text, [str(part) for part in first["loc"]]) if text else None,

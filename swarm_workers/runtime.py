@@ -15,22 +15,11 @@ import redis
 from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.config import Settings
 from swarm_workers.ratelimit.base import Limiter, build_limiter
+from swarm_workers.redis_client import redis_client
 from swarm_workers.tools.base import Toolset
 from swarm_workers.tools.registry import build_toolset
 
 __all__ = ["Runtime", "redis_client"]
-
-
-def redis_client(url: str) -> redis.Redis:
-    """A thread-safe client with a pool big enough for a threads pool."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=30,
-        socket_connect_timeout=5,
-        health_check_interval=25,
-        max_connections=1024,
-        decode_responses=False,
-    )
 
 
 @dataclass

@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+import redis
+from celery.exceptions import Reject
+
 from swarm_workers.execution import execute
 from swarm_workers.runtime import Runtime
 
@@ -47,4 +50,9 @@ def register(app: SwarmCelery) -> None:
         shared=False,  # this app only: several apps may live in one process (tests, demo)
     )
     def run_agent(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-        return execute(payload, runtime_for(app, self.request.hostname))
+        try:
+            return execute(payload, runtime_for(app, self.request.hostname))
+        except redis.RedisError as exc:
+            # Redis is the broker too: put the message back rather than record a failure
+            # for a task that never had its chance (it may wait for the visibility timeout).
+            raise Reject(f"Redis unavailable: {type(exc).__name__}", requeue=True) from exc

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import bootsteps, signals
 
 from swarm_workers import metrics, tasks
@@ -25,7 +26,6 @@ from swarm_workers.celery_app import SwarmCelery, create_app
 from swarm_workers.config import Settings
 from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, worker_queues
-from swarm_workers.runtime import redis_client
 
 __all__ = ["Heartbeat", "MetricsEndpoint", "ProcessRuntime", "run_worker", "worker_argv"]
 
@@ -44,7 +44,10 @@ class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, parent: Any) -> None:
         settings: Settings = parent.app.swarm_settings
-        self._redis = redis_client(settings.redis_url)
+        # Short timeouts: the PING runs on the consumer's event loop and must not stall it.
+        self._redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        )
         path = settings.worker.heartbeat_file
         self._beat(path)
         self._timer = parent.timer.call_repeatedly(

@@ -339,6 +339,7 @@ def _run_tool_calls(
         try:
             answers.append(future.result(timeout=timeout + _TOOL_GRACE_S))
         except FutureTimeout:
+            future.cancel()  # if it has not started yet, it never will: no late side effect
             name = call.function.name if call.type == "function" else call.custom.name
             late = ToolUnavailable(name, "?", f"no answer within {timeout:.0f}s")
             answers.append(_failure(call.id, name, _raw_arguments(call), 0.0, late))

@@ -21,6 +21,7 @@ import redis
 from swarm_workers.config import AdmissionSettings, Settings
 from swarm_workers.errors import Backpressure
 from swarm_workers.queues import parse_queue
+from swarm_workers.redis_client import redis_client
 
 __all__ = ["MAX_RETRY_S", "MIN_RETRY_S", "AdmissionControl", "retry_delay"]
 
@@ -51,7 +52,7 @@ class AdmissionControl:
     @classmethod
     def from_settings(cls, settings: Settings) -> AdmissionControl:
         """A checker on the broker's Redis (no connection is made until the first check)."""
-        return cls(redis.Redis.from_url(settings.redis_url), settings.admission)
+        return cls(redis_client(settings.redis_url), settings.admission)
 
     def mark(self, queue: str) -> int | None:
         """The high-water mark of `queue` (`p<N>.<role>`); None: unbounded."""

@@ -336,6 +336,12 @@ class ToolRegistry:
             # A malformed answer (e.g. structured content that breaks the output schema).
             self._breaker.record(permit, ok=True, latency_s=time.monotonic() - started)
             raise ToolFailed(name, f"invalid answer from the server: {exc}") from None
+        except Exception as exc:
+            # Unclassified (an anyio ExceptionGroup, an HTTP error): count it, or a probe
+            # that fails this way would hold the fleet's half-open lease until it expires.
+            reason = f"{type(exc).__name__}: {exc}"[:200]
+            self._breaker.record(permit, ok=False, reason=reason)
+            raise ToolUnavailable(name, server, reason) from exc
         self._breaker.record(permit, ok=True, latency_s=time.monotonic() - started)
         return value
 
@@ -376,7 +382,9 @@ class ToolRegistry:
             log.warning("mcp registry: cannot re-read the server list, keeping it: %s", exc)
             return
         for name in list(self._connections):
-            conn = self._connections[name]
+            conn = self._connections.get(name)  # a concurrent sync may have removed it
+            if conn is None:
+                continue
             if wanted.get(name) != conn.settings:
                 log.info("mcp %s: %s", name, "removed" if name not in wanted else "reconfigured")
                 del self._connections[name]
@@ -463,7 +471,8 @@ class ToolRegistry:
         names = [server] if server is not None else list(self._connections)
         tasks = [self._schedule(n, force=force, delay=0.0) for n in names if n in self._connections]
         if tasks:
-            await asyncio.gather(*tasks)
+            # Shielded: a caller that gives up must not cancel a refresh others share.
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks))
 
     async def _discover(
         self, conn: ServerConnection, *, client: Client | None, force: bool
