@@ -142,6 +142,8 @@ class ToolRegistry:
         self._connections: dict[str, ServerConnection] = {}
         self._discovered: dict[str, asyncio.Event] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        # A refresh asked for while one runs: run once more after it (True: forced).
+        self._again: dict[str, bool] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._started = False
 
@@ -292,7 +294,8 @@ class ToolRegistry:
                 "protocol_version": c.protocol_version,
                 "last_error": c.last_error,
             }
-            for name, c in sorted(self._connections.items())
+            # A copy: the loop thread adds and removes connections while we read.
+            for name, c in sorted(dict(self._connections).items())
         }
 
     @property
@@ -447,20 +450,29 @@ class ToolRegistry:
     def _schedule(self, server: str, *, force: bool, delay: float) -> asyncio.Task[None]:
         task = self._inflight.get(server)
         if task is not None and not task.done():
+            # The running refresh may already have read the old list: it goes round
+            # once more, so a list-changed event or a forced refetch is never lost.
+            self._again[server] = self._again.get(server, False) or force
             return task
 
         async def run() -> None:
             if delay:
                 await asyncio.sleep(delay)
-            conn = self._connections.get(server)
-            if conn is None:
-                return
-            try:
-                await self._discover(conn, client=None, force=force)
-            except ServerUnavailable as exc:
-                log.warning("mcp %s: refresh failed: %s", server, exc.reason)
-            except Exception:
-                log.exception("mcp %s: refresh failed", server)
+            forced = force
+            while True:
+                conn = self._connections.get(server)
+                if conn is None:
+                    return
+                try:
+                    await self._discover(conn, client=None, force=forced)
+                except ServerUnavailable as exc:
+                    log.warning("mcp %s: refresh failed: %s", server, exc.reason)
+                except Exception:
+                    log.exception("mcp %s: refresh failed", server)
+                again = self._again.pop(server, None)
+                if again is None:
+                    return
+                forced = again
 
         task = asyncio.get_running_loop().create_task(run(), name=f"mcp-refresh-{server}")
         self._inflight[server] = task
