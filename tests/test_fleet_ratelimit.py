@@ -200,7 +200,8 @@ def test_the_fleet_never_trips_the_provider_and_p0_still_flows(redis_url: str) -
     )
     assert len(p0_waits) >= 20
     assert max(p0_waits) < 0.5, p0_waits  # P0 still flows...
-    assert p2_waits[len(p2_waits) // 2] > 1.0  # ...while P2 queues at the bucket
+    # ...while P2 queues at the bucket: relative, as how long depends on the machine's load.
+    assert p2_waits[len(p2_waits) // 2] > max(0.2, 10 * max(p0_waits)), (p0_waits, p2_waits)
 
 
 def test_member_runs_once_against_the_fake(redis_url: str) -> None:
