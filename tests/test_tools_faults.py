@@ -47,7 +47,7 @@ def test_killed_server_opens_the_breaker_for_every_worker_and_recovers(
     started = time.monotonic()
     error = _unavailable(lambda: b.call("flaky__add", args, timeout=5))
     assert "circuit open" in str(error)
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 2.0  # well under the 5 s call timeout
     assert b.breaker.state("flaky").state == "open"
 
     server.start()  # back on the same port
