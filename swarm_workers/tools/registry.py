@@ -321,7 +321,14 @@ class ToolRegistry:
         async def job() -> T:
             return await work(conn)
 
+        # A call that first had to (re)connect, e.g. respawn a stdio server, is not a
+        # slow server: its latency is not judged, or recovery itself re-opens the breaker.
+        judged = conn.status == "ready"
         started = time.monotonic()
+
+        def latency() -> float | None:
+            return time.monotonic() - started if judged else None
+
         try:
             value = self._loop.run(job(), timeout=timeout + _GRACE_S)
         except ServerUnavailable as exc:
@@ -333,11 +340,11 @@ class ToolRegistry:
             raise ToolUnavailable(name, server, reason) from None
         except MCPError as exc:
             # The server answered, so it is up; the request itself was refused.
-            self._breaker.record(permit, ok=True, latency_s=time.monotonic() - started)
+            self._breaker.record(permit, ok=True, latency_s=latency())
             raise ToolFailed(name, f"server error {exc.code}: {exc.message}") from None
         except (RuntimeError, ValidationError) as exc:
             # A malformed answer (e.g. structured content that breaks the output schema).
-            self._breaker.record(permit, ok=True, latency_s=time.monotonic() - started)
+            self._breaker.record(permit, ok=True, latency_s=latency())
             raise ToolFailed(name, f"invalid answer from the server: {exc}") from None
         except Exception as exc:
             # Unclassified (an anyio ExceptionGroup, an HTTP error): count it, or a probe
@@ -345,7 +352,7 @@ class ToolRegistry:
             reason = f"{type(exc).__name__}: {exc}"[:200]
             self._breaker.record(permit, ok=False, reason=reason)
             raise ToolUnavailable(name, server, reason) from exc
-        self._breaker.record(permit, ok=True, latency_s=time.monotonic() - started)
+        self._breaker.record(permit, ok=True, latency_s=latency())
         return value
 
     def _after_refresh(self, name: str, timeout: float) -> RegisteredTool:
