@@ -26,7 +26,15 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 from swarm_workers.config import RoleSettings
 from swarm_workers.errors import InvalidToolArguments, ToolFailed, ToolNotAllowed, UnknownTool
 
-__all__ = ["LocalToolset", "ToolResult", "ToolSpec", "Toolset", "is_allowed", "validate_arguments"]
+__all__ = [
+    "LocalToolset",
+    "ToolResult",
+    "ToolSpec",
+    "Toolset",
+    "check_allowed",
+    "is_allowed",
+    "validate_arguments",
+]
 
 
 class ToolSpec(BaseModel):
@@ -92,6 +100,12 @@ def is_allowed(name: str, allowed: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed)
 
 
+def check_allowed(name: str, allowed: Sequence[str] | None, role: str | None) -> None:
+    """ToolNotAllowed unless `name` matches the role's allowlist (None: no allowlist)."""
+    if allowed is not None and not is_allowed(name, allowed):
+        raise ToolNotAllowed(name, role or "this role")
+
+
 def validate_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, Any]) -> None:
     """Check arguments against the tool's JSON Schema; the message names the bad path."""
     try:
@@ -153,8 +167,7 @@ class LocalToolset:
         allowed: Sequence[str] | None = None,
         role: str | None = None,
     ) -> ToolResult:
-        if allowed is not None and not is_allowed(name, allowed):
-            raise ToolNotAllowed(name, role or "this role")
+        check_allowed(name, allowed, role)
         try:
             spec, func = self._tools[name]
         except KeyError:

@@ -57,11 +57,17 @@ from swarm_workers.config import (
 from swarm_workers.errors import (
     ConfigError,
     ToolFailed,
-    ToolNotAllowed,
     ToolUnavailable,
     UnknownTool,
 )
-from swarm_workers.tools.base import ToolResult, Toolset, ToolSpec, is_allowed, validate_arguments
+from swarm_workers.tools.base import (
+    ToolResult,
+    Toolset,
+    ToolSpec,
+    check_allowed,
+    is_allowed,
+    validate_arguments,
+)
 from swarm_workers.tools.breaker import CircuitBreaker, Permit
 from swarm_workers.tools.cache import RedisResponseCacheStore
 from swarm_workers.tools.connections import (
@@ -229,8 +235,7 @@ class ToolRegistry:
         role: str | None = None,
     ) -> ToolResult:
         """Run `name` on its server. Raises a ToolError subclass for the model to read."""
-        if allowed is not None and not is_allowed(name, allowed):
-            raise ToolNotAllowed(name, role or "this role")
+        check_allowed(name, allowed, role)
         tool = self._index.get(name) or self._after_refresh(name, timeout)
         validate_arguments(name, tool.spec.parameters, arguments)
         permit = self._breaker.allow(tool.server)
