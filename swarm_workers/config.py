@@ -36,6 +36,7 @@ from pydantic_settings import (
 )
 
 from swarm_workers.errors import ConfigError, UnknownRole
+from swarm_workers.keys import Keys
 from swarm_workers.models import Priority, RoleName
 
 __all__ = [
@@ -240,6 +241,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("SWARM_REDIS_URL", "REDIS_URL", "redis_url"),
     )
     key_prefix: str = Field("swarm", pattern=r"^[a-z][a-z0-9_-]*$")
+    # The file these settings were read from (set by `load_settings`), for the tool
+    # registry's hot reload of `[tools.servers]`; None when built without a file.
+    config_path: Path | None = None
     redact_prompts: bool = True
     roles: dict[RoleName, RoleSettings] = Field(default_factory=lambda: {"default": RoleSettings()})
     llm: LLMSettings = LLMSettings()
@@ -277,6 +281,11 @@ class Settings(BaseSettings):
     def model_for(self, role: str) -> str:
         return self.role(role).model or self.llm.model
 
+    @property
+    def keys(self) -> Keys:
+        """The names of every Redis key under this fleet's prefix."""
+        return Keys(self.key_prefix)
+
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read `path` (or `$SWARM_CONFIG`, or nothing), apply the environment, validate.
@@ -297,6 +306,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
+        data["config_path"] = file
     data.update(overrides)
     try:
         return Settings(**data)

@@ -1,0 +1,98 @@
+"""Every Redis key the fleet writes, named in one place.
+
+All keys start with the configured `key_prefix` (default `swarm`). Keys that one Lua
+script touches together share a hash tag (`{...}`), so each script's keys sit in one
+slot and the scripts run unchanged on Redis Cluster.
+
+    <p>:result:<task_id>              a task's recorded `TaskResult` (the only copy)
+    <p>:running:<task_id>             the lease of the delivery running the task
+    <p>:attempts:<task_id>            deliveries cut short by a dying worker
+    <p>:dag:<dag_id>                  a DAG's graph (`DagRecord`)
+    <p>:dag:<dag_id>:tasks            hash: node -> its `AgentTask`
+    {<p>:rl:<model>}:rpm / :tpm       token buckets (one tag per model, or
+    {<p>:rl}:<model>:rpm / :tpm       one tag for all when a global limit is set)
+    {<p>:breaker:<server>}:state ...  a circuit breaker: state, probe, failures
+    <p>:tools:view:<server>           the fleet's last listing of a server
+    <p>:tools:forced:<server>         a refresh asked for by any worker
+    <p>:tools:lock:<server>:<method>  one worker lists at a time
+    <p>:mcp-cache:<digest>            MCP response cache entries
+
+Celery and kombu own the queue lists (`p0.<role>` ...), `unacked`, `unacked_index`
+and `celery-task-meta-*` / chord keys; `KOMBU_UNACKED` names the hash this project reads.
+
+>>> keys = Keys("swarm")
+>>> keys.result("t1")
+'swarm:result:t1'
+>>> keys.breaker("docs")
+('{swarm:breaker:docs}:state', '{swarm:breaker:docs}:probe', '{swarm:breaker:docs}:failures')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["KOMBU_UNACKED", "KOMBU_UNACKED_INDEX", "Keys"]
+
+KOMBU_UNACKED = "unacked"
+"""kombu's hash of delivered, unacknowledged messages (tasks running now, with prefetch off)."""
+KOMBU_UNACKED_INDEX = "unacked_index"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key names under one prefix."""
+
+    prefix: str = "swarm"
+
+    # ----------------------------------------------------------------- tasks
+
+    def result(self, task_id: str) -> str:
+        return f"{self.prefix}:result:{task_id}"
+
+    def lease(self, task_id: str) -> str:
+        return f"{self.prefix}:running:{task_id}"
+
+    def attempts(self, task_id: str) -> str:
+        return f"{self.prefix}:attempts:{task_id}"
+
+    # ----------------------------------------------------------------- DAGs
+
+    def dag(self, dag_id: str) -> str:
+        return f"{self.prefix}:dag:{dag_id}"
+
+    def dag_tasks(self, dag_id: str) -> str:
+        return f"{self.prefix}:dag:{dag_id}:tasks"
+
+    # ----------------------------------------------------------------- rate limits
+
+    def bucket_tag(self, model: str | None) -> str:
+        """The base of a model's bucket keys; `None`: the one tag shared by all models
+        (used when a global limit joins every call, so all keys must share a slot)."""
+        if model is None:
+            return f"{{{self.prefix}:rl}}"
+        return f"{{{self.prefix}:rl:{model}}}"
+
+    # ----------------------------------------------------------------- tools
+
+    def breaker(self, server: str) -> tuple[str, str, str]:
+        """(state, probe, failures) of one server's breaker, in one slot."""
+        tag = f"{{{self.prefix}:breaker:{server}}}"
+        return f"{tag}:state", f"{tag}:probe", f"{tag}:failures"
+
+    def breaker_pattern(self) -> str:
+        return f"{{{self.prefix}:breaker:*}}:state"
+
+    def tool_view(self, server: str) -> str:
+        return f"{self.prefix}:tools:view:{server}"
+
+    def tool_forced(self, server: str) -> str:
+        return f"{self.prefix}:tools:forced:{server}"
+
+    def tool_lock(self, server: str, method: str) -> str:
+        return f"{self.prefix}:tools:lock:{server}:{method}"
+
+    def mcp_cache(self, digest: str) -> str:
+        return f"{self.prefix}:mcp-cache:{digest}"
+
+    def mcp_cache_pattern(self) -> str:
+        return f"{self.prefix}:mcp-cache:*"
