@@ -18,10 +18,11 @@ import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 
-from swarm_workers.agent.budget import Deadline, token_counter
+from swarm_workers.agent.budget import token_counter
 from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.agent.loop import _run_tool_calls, initial_messages, run_agent
 from swarm_workers.config import Settings, load_settings
+from swarm_workers.deadline import Deadline
 from swarm_workers.models import AgentTask, ChatMessage, Priority
 from swarm_workers.ratelimit.base import Limiter, Reservation
 from swarm_workers.tools.base import LocalToolset, ToolResult, Toolset

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,7 +40,7 @@ import tiktoken
 import tiktoken.model
 
 from swarm_workers.config import LLMSettings, ModelPrice
-from swarm_workers.errors import ConfigError, ContextOverflow, TimeLimitExceeded
+from swarm_workers.errors import ConfigError, ContextOverflow
 
 __all__ = [
     "MIN_COMPLETION_TOKENS",
@@ -221,28 +220,3 @@ def cost_usd(
     if price is None:
         return 0.0
     return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """A task's wall-clock limit. Celery's threads pool enforces no `task_time_limit`,
-    so the loop checks this between steps and caps every wait by it.
-
-    >>> Deadline.start(30).remaining() > 29
-    True
-    """
-
-    limit_s: float
-    at: float  # on the time.monotonic() clock
-
-    @classmethod
-    def start(cls, limit_s: float) -> Deadline:
-        return cls(limit_s=limit_s, at=time.monotonic() + limit_s)
-
-    def remaining(self) -> float:
-        return self.at - time.monotonic()
-
-    def check(self, during: str) -> None:
-        """Raise TimeLimitExceeded, naming what the task was doing, once time is up."""
-        if self.remaining() <= 0:
-            raise TimeLimitExceeded(self.limit_s, during)

@@ -40,8 +40,8 @@ from openai.types.chat import (
     ChatCompletionToolUnionParam,
 )
 
-from swarm_workers.agent.budget import Deadline
 from swarm_workers.config import LLMSettings
+from swarm_workers.deadline import Deadline
 from swarm_workers.errors import (
     ProviderError,
     ProviderRejected,

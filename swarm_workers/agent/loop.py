@@ -46,7 +46,6 @@ from openai.types.chat import (
 )
 
 from swarm_workers.agent.budget import (
-    Deadline,
     OutputBudget,
     context_window,
     cost_usd,
@@ -54,6 +53,7 @@ from swarm_workers.agent.budget import (
 )
 from swarm_workers.agent.llm import ChatRequest, Completion, Redactor, RetryPolicy, complete
 from swarm_workers.config import RoleSettings, Settings
+from swarm_workers.deadline import Deadline
 from swarm_workers.errors import (
     InvalidToolArguments,
     SwarmError,
@@ -138,11 +138,17 @@ class _Tally:
         )
 
 
-def run_agent(task: AgentTask, runtime: AgentRuntime) -> AgentOutcome:
-    """Run `task`'s agent loop to a final answer, a budget, a step limit or an error."""
+def run_agent(
+    task: AgentTask, runtime: AgentRuntime, deadline: Deadline | None = None
+) -> AgentOutcome:
+    """Run `task`'s agent loop to a final answer, a budget, a step limit or an error.
+
+    `deadline` is the task's, started at delivery; without one the loop starts its own.
+    """
     settings = runtime.settings
     model = settings.model_for(task.role)
-    deadline = Deadline.start(settings.worker.task_time_limit_s)
+    if deadline is None:
+        deadline = Deadline.start(settings.worker.task_time_limit_s)
     tally = _Tally(OutputBudget(task.output_budget))
     steps = 0
     stop: StopReason = "error"
