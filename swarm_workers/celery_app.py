@@ -1,6 +1,7 @@
-"""Celery wiring: the one place that knows Celery's settings names.
+"""Celery wiring: the one place that knows Celery's settings names, and the few calls
+the producer and operator commands make on an app (send a task, ping the workers).
 
-Choices, each for a reason written in DESIGN.md:
+Choices, each for a reason:
 - JSON only (no pickle): tasks and results are versioned pydantic wire models.
 - `task_acks_late` + prefetch multiplier 1 + `worker_disable_prefetch`: a worker holds
   no more messages than it has free threads, so a late P0 never waits behind a hoard.
@@ -8,25 +9,32 @@ Choices, each for a reason written in DESIGN.md:
   priority; `priority_steps=[0]` makes each queue exactly one Redis list, named as the
   queue (what KEDA and `swarm status` read).
 - No Celery `rate_limit`, no ETA retries: backpressure is the Redis token bucket.
+- Results ignored: a task's outcome is stored once by the worker (`results`); Celery
+  keeps only what a chord needs to count its header, and writes no STARTED state.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
+from swarm_workers import tasks
 from swarm_workers.config import Settings
-from swarm_workers.queues import ALL_PRIORITIES, queue_name
+from swarm_workers.execution import Runtime
+from swarm_workers.models import AgentTask
+from swarm_workers.queues import ALL_PRIORITIES, RUN_AGENT, queue_name
 
-__all__ = ["RUN_AGENT", "SwarmCelery", "create_app"]
-
-RUN_AGENT = "swarm.run_agent"
+__all__ = ["SwarmCelery", "create_app", "ping_workers", "send_agent_task"]
 
 
 class SwarmCelery(Celery):  # type: ignore[misc]
-    """A Celery app that carries the swarm settings it was built from."""
+    """A Celery app that carries the swarm settings it was built from, and, in a
+    worker, the process runtime its tasks share."""
 
     swarm_settings: Settings
+    swarm_runtime: Runtime | None = None
 
 
 def create_app(settings: Settings) -> SwarmCelery:
@@ -57,7 +65,8 @@ def create_app(settings: Settings) -> SwarmCelery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
-        task_track_started=True,
+        task_ignore_result=True,
+        task_track_started=False,
         task_time_limit=worker.task_time_limit_s,
         task_send_sent_event=True,
         worker_send_task_events=True,
@@ -86,9 +95,25 @@ def create_app(settings: Settings) -> SwarmCelery:
         result_extended=False,
         broker_channel_error_retry=True,
     )
-    from swarm_workers import tasks
-    from swarm_workers.dag import tasks as dag_tasks
-
     tasks.register(app)
-    dag_tasks.register(app)
     return app
+
+
+def send_agent_task(app: SwarmCelery, task: AgentTask) -> None:
+    """Enqueue one task on `p<N>.<role>`; nothing is kept on this side to wait on."""
+    app.send_task(
+        RUN_AGENT,
+        args=[task.to_wire()],
+        task_id=task.id,
+        queue=queue_name(task.priority, task.role),
+        argsrepr=task.redacted() if app.swarm_settings.redact_prompts else None,
+        kwargsrepr="{}",
+        # No result subscription: the client polls the result store.
+        ignore_result=True,
+    )
+
+
+def ping_workers(app: SwarmCelery, timeout_s: float) -> list[str]:
+    """The node names of the workers that answer a broadcast ping within `timeout_s`."""
+    replies: list[dict[str, Any]] = app.control.ping(timeout=timeout_s) or []
+    return sorted(name for reply in replies for name in reply)

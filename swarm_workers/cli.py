@@ -137,7 +137,7 @@ def status(
     bucket levels, MCP breaker states and tool-registry age."""
     from swarm_workers.celery_app import create_app
     from swarm_workers.fleet import fleet_status
-    from swarm_workers.runtime import redis_client
+    from swarm_workers.redis_client import redis_client
 
     settings = _settings(config)
     snapshot = fleet_status(settings, redis_client(settings.redis_url), app=create_app(settings))
@@ -174,7 +174,7 @@ def purge(
 ) -> None:
     """Delete every task waiting in one queue (running tasks are not touched)."""
     from swarm_workers.queues import parse_queue
-    from swarm_workers.runtime import redis_client
+    from swarm_workers.redis_client import redis_client
 
     settings = _settings(config)
     try:
@@ -227,7 +227,7 @@ def exporter(
     import threading
 
     from swarm_workers.exporter import run_exporter
-    from swarm_workers.runtime import redis_client
+    from swarm_workers.redis_client import redis_client
 
     settings = _settings(config)
     stop = threading.Event()
@@ -308,7 +308,7 @@ def tools(
     config: ConfigOption = None,
 ) -> None:
     """MCP tools per server as the fleet sees them: era, cache age, breaker state."""
-    from swarm_workers.runtime import redis_client
+    from swarm_workers.redis_client import redis_client
     from swarm_workers.tools.report import rows_json, tool_rows
 
     settings = _settings(config)

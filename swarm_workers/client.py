@@ -11,45 +11,40 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult
 from pydantic import ValidationError
 
-from swarm_workers.celery_app import RUN_AGENT, SwarmCelery, create_app
+from swarm_workers.celery_app import SwarmCelery, create_app, send_agent_task
 from swarm_workers.config import Settings, load_settings
-from swarm_workers.dag import DagHandle, DagSpec, Node
-from swarm_workers.errors import InvalidTask, PayloadTooLarge, ResultTimeout
-from swarm_workers.models import (
-    AgentTask,
-    ErrorInfo,
-    Priority,
-    TaskResult,
-    TaskState,
-    TaskStatus,
-)
+from swarm_workers.dag import DagHandle, DagSpec, Node, OnFailure
+from swarm_workers.dag.canvas import send_dag
+from swarm_workers.dag.prepare import prepare_dag
+from swarm_workers.dag.store import DagStore
+from swarm_workers.errors import InvalidTask, PayloadTooLarge
+from swarm_workers.models import AgentTask, Priority, TaskResult, TaskStatus
 from swarm_workers.queues import queue_name
 from swarm_workers.ratelimit.admission import AdmissionControl
+from swarm_workers.redis_client import redis_client
+from swarm_workers.results import ResultStore
 
 __all__ = ["SwarmClient", "TaskHandle"]
 
-_CELERY_STATES = {
-    "PENDING": TaskState.QUEUED,
-    "RECEIVED": TaskState.QUEUED,
-    "RETRY": TaskState.QUEUED,
-    "STARTED": TaskState.RUNNING,
-}
-
 
 class TaskHandle:
-    """A submitted task: its id, and a way to wait for its result."""
+    """A submitted task: its id, and a way to wait for its result.
 
-    def __init__(self, client: SwarmClient, task: AgentTask) -> None:
+    >>> handle = client.submit("Summarise X")      # doctest: +SKIP
+    >>> handle.result(timeout=60).status           # doctest: +SKIP
+    'succeeded'
+    """
+
+    def __init__(self, client: SwarmClient, task_id: str, task: AgentTask | None = None) -> None:
         self.client = client
-        self.task = task
+        self.task = task  # None for a handle made from an id alone (`SwarmClient.task`)
+        self._id = task_id
 
     @property
     def id(self) -> str:
-        return self.task.id
+        return self._id
 
     def result(self, timeout: float = 300.0) -> TaskResult:
         return self.client.result(self.id, timeout=timeout)
@@ -58,7 +53,7 @@ class TaskHandle:
         return self.client.status(self.id)
 
     def __repr__(self) -> str:
-        return f"TaskHandle({self.task.redacted()})"
+        return f"TaskHandle({self.task.redacted() if self.task else self.id})"
 
 
 class SwarmClient:
@@ -76,6 +71,9 @@ class SwarmClient:
         self.settings = settings
         self.app = app or create_app(settings)
         self.admission = AdmissionControl.from_settings(settings)
+        # Short timeouts: a producer must not hang on a Redis that stopped answering.
+        self.redis = redis_client(settings.redis_url, max_connections=64)
+        self.results = ResultStore.from_settings(settings, self.redis)
 
     def build_task(
         self,
@@ -123,61 +121,60 @@ class SwarmClient:
         task = self.build_task(prompt, **options)
         self.admission.check(queue_name(task.priority, task.role))  # Backpressure
         self.enqueue(task)
-        return TaskHandle(self, task)
-
-    def submit_dag(self, nodes: Sequence[Node] | DagSpec, **options: Any) -> DagHandle:
-        """Validate a DAG of agent tasks and enqueue it as one canvas (see `swarm_workers.dag`).
-
-        Options: `on_failure="fail"|"skip"`, `name`. Nothing is sent if anything is invalid.
-        """
-        from swarm_workers.dag.submit import submit_dag
-
-        return submit_dag(self, nodes, **options)
+        return TaskHandle(self, task.id, task)
 
     def enqueue(self, task: AgentTask) -> None:
-        self.app.send_task(
-            RUN_AGENT,
-            args=[task.to_wire()],
-            task_id=task.id,
-            queue=queue_name(task.priority, task.role),
-            argsrepr=task.redacted() if self.settings.redact_prompts else None,
-            kwargsrepr="{}",
-        )
+        """Send a task built by `build_task`, skipping the admission check."""
+        send_agent_task(self.app, task)
 
-    def handle(self, task_id: str) -> AsyncResult:
-        return AsyncResult(task_id, app=self.app)
+    def submit_dag(
+        self,
+        nodes: Sequence[Node] | DagSpec,
+        *,
+        on_failure: OnFailure | None = None,
+        name: str | None = None,
+    ) -> DagHandle:
+        """Validate a DAG of agent tasks and enqueue it as one canvas (see `swarm_workers.dag`).
+
+        Nothing is stored or sent if anything is invalid, or if any of its queues is
+        above its high-water mark.
+        """
+        fields: dict[str, Any] = {}
+        if on_failure is not None:
+            fields["on_failure"] = on_failure
+        if name is not None:
+            fields["name"] = name
+        dag = prepare_dag(
+            DagSpec.of(nodes, **fields),
+            self.build_task,
+            max_nodes=self.settings.limits.max_dag_nodes,
+        )
+        for queue in dag.queues:
+            self.admission.check(queue)  # Backpressure: a DAG is refused whole, not in part
+        store = DagStore(self.redis, self.settings)
+        store.save(dag.record, dag.tasks)
+        send_dag(self.app, dag)
+        return DagHandle(dag.record, store, self.results)
+
+    def dag(self, dag_id: str) -> DagHandle:
+        """A handle for a DAG submitted earlier, maybe by another process."""
+        return DagHandle.attach(dag_id, DagStore(self.redis, self.settings), self.results)
+
+    def task(self, task_id: str) -> TaskHandle:
+        """A handle for a task submitted earlier, maybe by another process."""
+        return TaskHandle(self, task_id)
 
     def result(self, task_id: str, timeout: float = 300.0) -> TaskResult:
-        async_result = self.handle(task_id)
-        try:
-            value = async_result.get(timeout=timeout, propagate=False, interval=0.2)
-        except (CeleryTimeout, TimeoutError):
-            raise ResultTimeout(task_id, timeout) from None
-        status = self._status_of(task_id, async_result.state, value)
-        assert status.result is not None  # a ready state always carries one
-        return status.result
+        """Wait for the task's recorded outcome; `ResultTimeout` after `timeout` seconds."""
+        return self.results.wait(task_id, timeout=timeout)
 
     def status(self, task_id: str) -> TaskStatus:
-        async_result = self.handle(task_id)
-        state = async_result.state
-        return self._status_of(
-            task_id, state, async_result.result if state in ("SUCCESS", "FAILURE") else None
-        )
-
-    def _status_of(self, task_id: str, state: str, value: Any) -> TaskStatus:
-        if state == "SUCCESS":
-            result = TaskResult.from_wire(value)
-            kind = TaskState.SUCCEEDED if result.ok else TaskState.FAILED
-            return TaskStatus(task_id=task_id, state=kind, result=result)
-        if state in ("FAILURE", "REVOKED"):
-            # The task body itself crashed (a bug or the time limit), not the agent.
-            return TaskStatus(
-                task_id=task_id, state=TaskState.FAILED, result=_crashed(task_id, state, value)
-            )
-        return TaskStatus(task_id=task_id, state=_CELERY_STATES.get(state, TaskState.QUEUED))
+        """queued, running, succeeded or failed (with the result once there is one)."""
+        return self.results.status(task_id)
 
     def close(self) -> None:
         self.admission.close()
+        self.redis.close()
         self.app.close()
 
     def __enter__(self) -> SwarmClient:
@@ -200,21 +197,3 @@ def _field_from_message(message: str) -> str:
         if name in message:
             return name
     return "task"
-
-
-def _crashed(task_id: str, state: str, value: Any) -> TaskResult:
-    from swarm_workers.models import Timings, utcnow
-
-    now = utcnow()
-    return TaskResult(
-        task_id=task_id,
-        role="?",
-        priority=Priority.P2,
-        status="failed",
-        stop_reason="error",
-        error=ErrorInfo(
-            type=type(value).__name__ if value is not None else state,
-            message=str(value) if value is not None else state,
-        ),
-        timings=Timings(submitted_at=now, started_at=now, finished_at=now),
-    )

@@ -204,7 +204,12 @@ class WorkerSettings(_Section):
     # longest task (time limit) or a slow task is delivered twice.
     visibility_timeout_s: int = Field(3600, ge=5)
     task_time_limit_s: int = Field(1800, ge=1)
-    max_attempts: int = Field(3, ge=1, description="Deliveries before a task is given up.")
+    max_attempts: int = Field(
+        3, ge=1, description="Runs cut short by a dying worker before a task is given up."
+    )
+    # A running task's lease on its id: renewed every third of this while the run lives,
+    # so a dead worker's task can be taken over after at most this long.
+    lease_ttl_s: float = Field(30.0, ge=1, le=3600)
     heartbeat_file: Path = Path("/tmp/swarm-worker.heartbeat")
     heartbeat_interval_s: float = Field(5.0, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)

@@ -12,27 +12,49 @@ True
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from swarm_workers.errors import TimeLimitExceeded
+from swarm_workers.errors import SwarmError, TimeLimitExceeded
 
 __all__ = ["Deadline"]
 
 
 @dataclass(frozen=True)
 class Deadline:
-    """A task's wall-clock limit on the `time.monotonic()` clock."""
+    """A task's wall-clock limit on the `time.monotonic()` clock.
+
+    `stop(reason)` ends it early from another thread (the run lost its lease, say):
+    every wait then ends at once and the next `check` raises `reason`.
+    """
 
     limit_s: float
     at: float
+    _stopped: list[SwarmError] = field(default_factory=list, repr=False, compare=False)
+    _event: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     @classmethod
     def start(cls, limit_s: float) -> Deadline:
         return cls(limit_s=limit_s, at=time.monotonic() + limit_s)
 
+    def stop(self, reason: SwarmError) -> None:
+        if not self._stopped:
+            self._stopped.append(reason)
+        self._event.set()
+
+    @property
+    def stopped(self) -> SwarmError | None:
+        return self._stopped[0] if self._stopped else None
+
     def remaining(self) -> float:
+        if self._event.is_set():
+            return 0.0
         return self.at - time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep `seconds`, capped by the deadline; wakes at once when stopped."""
+        self._event.wait(self.cap(seconds))
 
     def expired(self) -> bool:
         return self.remaining() <= 0
@@ -42,6 +64,9 @@ class Deadline:
         return max(0.0, min(wait_s, self.remaining()))
 
     def check(self, during: str) -> None:
-        """Raise TimeLimitExceeded, naming what the task was doing, once time is up."""
+        """Raise TimeLimitExceeded, naming what the task was doing, once time is up
+        (or the reason it was stopped)."""
+        if self._stopped:
+            raise self._stopped[0]
         if self.remaining() <= 0:
             raise TimeLimitExceeded(self.limit_s, during)

@@ -312,7 +312,7 @@ class _LiveView:
 
     def __init__(self, settings: Settings, client: SwarmClient) -> None:
         self.settings = settings
-        self.redis: redis.Redis = client.app.backend.client
+        self.redis: redis.Redis = client.redis
 
     def render(self, status: DagStatus) -> Group:
         fleet = fleet_status(self.settings, self.redis)

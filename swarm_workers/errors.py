@@ -24,6 +24,7 @@ are turned into a tool message the model reads and can correct, never a crash.
     ├── RateLimited                 the cluster bucket made us wait past the bound
     │   └── RequestTooLarge         bigger than the bucket can ever hold
     ├── TimeLimitExceeded           the task ran past worker.task_time_limit_s
+    ├── LeaseLost                   a run lost its lease on the task id: it stops, unrecorded
     └── ToolError                   shown to the model as the tool's result
         ├── UnknownTool
         ├── ToolNotAllowed
@@ -44,6 +45,7 @@ __all__ = [
     "DuplicateNode",
     "InvalidTask",
     "InvalidToolArguments",
+    "LeaseLost",
     "PayloadTooLarge",
     "ProviderError",
     "ProviderRejected",
@@ -227,6 +229,16 @@ class TimeLimitExceeded(SwarmError):
         super().__init__(f"task exceeded its time limit of {limit_s:g}s ({during})")
         self.limit_s = limit_s
         self.during = during
+
+
+class LeaseLost(SwarmError):
+    """A run could not renew its lease on the task id in time (Redis unreachable for
+    longer than the lease, or another delivery took the task over). It stops at its next
+    step without recording anything, and its message goes back on the queue."""
+
+    def __init__(self, task_id: str, why: str) -> None:
+        super().__init__(f"task {task_id}: lease lost ({why})")
+        self.task_id = task_id
 
 
 class ToolError(SwarmError):

@@ -7,11 +7,10 @@ timeout: nothing here depends on a particular worker being up.
 
 from __future__ import annotations
 
-from typing import Any
-
 import redis
 from pydantic import BaseModel, ConfigDict
 
+from swarm_workers.celery_app import SwarmCelery, ping_workers
 from swarm_workers.config import Settings
 from swarm_workers.exporter import queue_depths
 from swarm_workers.queues import queue_name
@@ -32,14 +31,15 @@ class FleetStatus(BaseModel):
 
 
 def fleet_status(
-    settings: Settings, client: redis.Redis, *, app: Any = None, ping_timeout_s: float = 1.0
+    settings: Settings,
+    client: redis.Redis,
+    *,
+    app: SwarmCelery | None = None,
+    ping_timeout_s: float = 1.0,
 ) -> FleetStatus:
-    """Read the fleet's state; `app` (a Celery app) adds the workers that answer a ping."""
+    """Read the fleet's state; `app` adds the workers that answer a ping."""
     depths = queue_depths(client, list(settings.roles))
-    workers = None
-    if app is not None:
-        replies = app.control.ping(timeout=ping_timeout_s) or []
-        workers = sorted(name for reply in replies for name in reply)
+    workers = ping_workers(app, ping_timeout_s) if app is not None else None
     breakers: dict[str, str] = {}
     ages: dict[str, float | None] = {}
     for row in tool_rows(settings, client):

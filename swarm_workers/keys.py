@@ -4,11 +4,11 @@ All keys start with the configured `key_prefix` (default `swarm`). Keys that one
 script touches together share a hash tag (`{...}`), so each script's keys sit in one
 slot and the scripts run unchanged on Redis Cluster.
 
-    <p>:result:<task_id>              a task's recorded `TaskResult` (the only copy)
-    <p>:running:<task_id>             the lease of the delivery running the task
-    <p>:attempts:<task_id>            deliveries cut short by a dying worker
-    <p>:dag:<dag_id>                  a DAG's graph (`DagRecord`)
-    <p>:dag:<dag_id>:tasks            hash: node -> its `AgentTask`
+    <p>:result:{<task_id>}            a task's recorded `TaskResult` (the only copy)
+    <p>:running:{<task_id>}           the lease of the delivery running the task
+    <p>:attempts:{<task_id>}          runs started and not finished (cut short)
+    <p>:dag:{<dag_id>}                a DAG's graph (`DagRecord`)
+    <p>:dag:{<dag_id>}:tasks          hash: node -> its `AgentTask` (one transaction)
     {<p>:rl:<model>}:rpm / :tpm       token buckets (one tag per model, or
     {<p>:rl}:<model>:rpm / :tpm       one tag for all when a global limit is set)
     {<p>:breaker:<server>}:state ...  a circuit breaker: state, probe, failures
@@ -22,7 +22,7 @@ and `celery-task-meta-*` / chord keys; `KOMBU_UNACKED` names the hash this proje
 
 >>> keys = Keys("swarm")
 >>> keys.result("t1")
-'swarm:result:t1'
+'swarm:result:{t1}'
 >>> keys.breaker("docs")
 ('{swarm:breaker:docs}:state', '{swarm:breaker:docs}:probe', '{swarm:breaker:docs}:failures')
 """
@@ -46,22 +46,28 @@ class Keys:
 
     # ----------------------------------------------------------------- tasks
 
+    # A task's keys share its id as hash tag: the scripts that start and end a run
+    # touch all three at once.
+
     def result(self, task_id: str) -> str:
-        return f"{self.prefix}:result:{task_id}"
+        return f"{self.prefix}:result:{{{task_id}}}"
+
+    def result_pattern(self) -> str:
+        return f"{self.prefix}:result:*"
 
     def lease(self, task_id: str) -> str:
-        return f"{self.prefix}:running:{task_id}"
+        return f"{self.prefix}:running:{{{task_id}}}"
 
     def attempts(self, task_id: str) -> str:
-        return f"{self.prefix}:attempts:{task_id}"
+        return f"{self.prefix}:attempts:{{{task_id}}}"
 
     # ----------------------------------------------------------------- DAGs
 
     def dag(self, dag_id: str) -> str:
-        return f"{self.prefix}:dag:{dag_id}"
+        return f"{self.prefix}:dag:{{{dag_id}}}"
 
     def dag_tasks(self, dag_id: str) -> str:
-        return f"{self.prefix}:dag:{dag_id}:tasks"
+        return f"{self.prefix}:dag:{{{dag_id}}}:tasks"
 
     # ----------------------------------------------------------------- rate limits
 

@@ -1,7 +1,7 @@
 """Tasks and results as they travel: pydantic models with a versioned JSON wire format.
 
-Celery carries `AgentTask.to_wire()` as the task's single argument and stores
-`TaskResult.to_wire()` as its result, both plain JSON (never pickle). The `v` field
+Celery carries `AgentTask.to_wire()` as the task's single argument; the worker stores
+`TaskResult` JSON in the result store. Both plain JSON (never pickle). The `v` field
 lets a newer worker refuse, loudly, a payload it does not understand.
 
 >>> task = AgentTask(role="research", priority=Priority.P0, prompt="Find X", output_budget=8000)
@@ -113,7 +113,8 @@ class ChatMessage(BaseModel):
 class AgentTask(_Wire):
     """One unit of agent work: a prompt (or messages) for a role at a priority."""
 
-    id: str = Field(default_factory=new_task_id, min_length=1, max_length=128)
+    # Ids become Redis hash tags (`{<id>}`) and Celery task ids: no braces, no spaces.
+    id: str = Field(default_factory=new_task_id, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
     role: RoleName
     priority: Priority
     prompt: str | None = None
@@ -209,8 +210,9 @@ StopReason = Literal["final", "max_steps", "budget", "error"]
 class TaskResult(_Wire):
     """The recorded outcome of an `AgentTask`.
 
-    Celery's own state is SUCCESS whenever the outcome was recorded; whether the agent
-    succeeded is `status`. That keeps chords counting failed nodes instead of hanging.
+    Stored once, by task id, in the result store (`results.ResultStore`). The Celery
+    task that ran it always returns normally, whatever `status` says, so a chord counts
+    a failed node instead of hanging.
     """
 
     task_id: str
@@ -233,9 +235,51 @@ class TaskResult(_Wire):
     def ok(self) -> bool:
         return self.status == "succeeded"
 
+    @classmethod
+    def failure(
+        cls,
+        kind: str,
+        message: str,
+        *,
+        task: AgentTask | None = None,
+        task_id: str | None = None,
+        worker: str | None = None,
+        attempts: int = 1,
+        started_at: datetime | None = None,
+    ) -> TaskResult:
+        """A failed outcome decided without (or after) the agent: the one way to build one.
+
+        With `task`, it names the task's role and priority; without (a payload nobody can
+        read, say) only `task_id` is known and the role shows as `?`.
+
+        >>> TaskResult.failure("InvalidPayload", "v: unsupported", task_id="t1").error.type
+        'InvalidPayload'
+        """
+        now = utcnow()
+        started = started_at or now
+        if task is None and task_id is None:
+            raise ValueError("a failure names its task or its task id")
+        return cls(
+            task_id=task.id if task is not None else str(task_id),
+            role=task.role if task is not None else "?",
+            priority=task.priority if task is not None else Priority.P2,
+            status="failed",
+            stop_reason="error",
+            error=ErrorInfo(type=kind, message=message),
+            attempts=attempts,
+            worker=worker,
+            timings=Timings(
+                submitted_at=task.submitted_at if task is not None else started,
+                started_at=started,
+                finished_at=now,
+            ),
+        )
+
 
 class TaskState(StrEnum):
-    QUEUED = "queued"  # also what Celery reports for an id it has never seen
+    """Where a task is, read from the fleet's own keys (see `results.ResultStore.status`)."""
+
+    QUEUED = "queued"  # also the answer for an id nobody has recorded (yet)
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"

@@ -1,4 +1,5 @@
-"""Queue names and routing: one Redis list per priority per role.
+"""Queue names and routing: one Redis list per priority per role, and the names of
+the two tasks that travel on them.
 
 Names are priority-first (`p0.research`) so that kombu's `sorted` queue order, which
 BRPOPs the lists in alphabetical order, drains every P0 of every role a worker serves
@@ -17,9 +18,14 @@ from collections.abc import Iterable
 
 from swarm_workers.models import Priority
 
-__all__ = ["ALL_PRIORITIES", "parse_queue", "queue_name", "worker_queues"]
+__all__ = ["ALL_PRIORITIES", "DAG_NODE", "RUN_AGENT", "parse_queue", "queue_name", "worker_queues"]
 
 ALL_PRIORITIES: tuple[Priority, ...] = (Priority.P0, Priority.P1, Priority.P2)
+
+RUN_AGENT = "swarm.run_agent"
+"""The task that runs one agent task: one arg, `AgentTask.to_wire()`."""
+DAG_NODE = "swarm.dag_node"
+"""The task that runs one DAG node: args `(dag_id, node)`."""
 
 
 def queue_name(priority: Priority, role: str) -> str:

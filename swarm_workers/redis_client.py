@@ -7,13 +7,19 @@ import redis
 __all__ = ["redis_client"]
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A thread-safe client with a pool big enough for a threads pool."""
-    return redis.Redis.from_url(
+def redis_client(url: str, *, max_connections: int = 1024, wait_s: float = 20.0) -> redis.Redis:
+    """A thread-safe client for a threads pool.
+
+    The pool blocks for up to `wait_s` when all its connections are in use instead of
+    raising "Too many connections": a pool thread more than the pool has connections
+    waits its turn rather than failing the task it runs.
+    """
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=wait_s,
         socket_timeout=30,
         socket_connect_timeout=5,
         health_check_interval=25,
-        max_connections=1024,
-        decode_responses=False,
     )
+    return redis.Redis(connection_pool=pool)

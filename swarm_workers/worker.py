@@ -78,12 +78,13 @@ class ProcessRuntime(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = ("celery.worker.components:Pool",)
 
     def start(self, parent: Any) -> None:
-        tasks.runtime_for(parent.app, parent.hostname)
-        signals.worker_shutdown.connect(_close_runtime, weak=False)
+        app = parent.app
+        tasks.runtime_for(app, parent.hostname)
 
+        def close(**_: Any) -> None:
+            tasks.close_runtime(app)
 
-def _close_runtime(**_: Any) -> None:
-    tasks.close_runtime()
+        signals.worker_shutdown.connect(close, weak=False)
 
 
 class MetricsEndpoint(bootsteps.StartStopStep):  # type: ignore[misc]

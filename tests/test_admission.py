@@ -9,12 +9,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from swarm_workers.celery_app import RUN_AGENT, create_app
+from swarm_workers.celery_app import create_app
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import AdmissionSettings, Settings, load_settings
 from swarm_workers.errors import Backpressure
 from swarm_workers.models import Priority
-from swarm_workers.queues import queue_name
+from swarm_workers.queues import RUN_AGENT, queue_name
 from swarm_workers.ratelimit.admission import (
     MAX_RETRY_S,
     MIN_RETRY_S,

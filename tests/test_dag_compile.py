@@ -19,6 +19,7 @@ from celery.canvas import _chain
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
 from swarm_workers.dag import DagSpec, Node, load_dag, parse_dag
+from swarm_workers.dag.canvas import to_canvas
 from swarm_workers.dag.compile import (
     Leaf,
     Parallel,
@@ -26,7 +27,6 @@ from swarm_workers.dag.compile import (
     Step,
     find_cycle,
     plan,
-    to_canvas,
     topological_order,
     validate,
 )

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from swarm_workers.config import load_settings
-from swarm_workers.execution import execute
+from swarm_workers.execution import Runtime, execute
 from swarm_workers.models import AgentTask, Priority, TaskResult
-from swarm_workers.runtime import Runtime
 
 from .conftest import FakeLLM, spawn_fake_llm
 
@@ -35,7 +34,7 @@ def test_two_deliveries_at_once_run_the_model_once(runtime: Runtime, slow_fake: 
     payload = AgentTask(
         role="default", priority=Priority.P1, prompt="only once", output_budget=100
     ).to_wire()
-    outcomes: list[dict[str, object]] = []
+    outcomes: list[TaskResult] = []
 
     def deliver() -> None:
         outcomes.append(execute(payload, runtime))
@@ -47,14 +46,14 @@ def test_two_deliveries_at_once_run_the_model_once(runtime: Runtime, slow_fake: 
         thread.join(30)
     assert len(outcomes) == 2
     assert outcomes[0] == outcomes[1]
-    assert TaskResult.from_wire(outcomes[0]).ok
-    assert TaskResult.from_wire(outcomes[0]).attempts == 1
+    assert outcomes[0].ok
+    assert outcomes[0].attempts == 1
     assert slow_fake.stats()["completions"] == 1
-    assert runtime.redis.exists(runtime.key("running", str(payload["id"]))) == 0  # released
+    assert runtime.redis.exists(runtime.settings.keys.lease(str(payload["id"]))) == 0  # released
 
 
 def test_a_payload_that_is_not_an_object_is_recorded_as_failed(runtime: Runtime) -> None:
-    result = TaskResult.from_wire(execute(["not", "a", "task"], runtime))  # type: ignore[arg-type]
+    result = execute(["not", "a", "task"], runtime)
     assert result.status == "failed"
     assert result.error is not None
     assert result.error.type == "InvalidPayload"
@@ -64,6 +63,6 @@ def test_a_payload_that_is_not_an_object_is_recorded_as_failed(runtime: Runtime)
 def test_an_invalid_field_is_named(runtime: Runtime) -> None:
     wire = AgentTask(role="default", priority=Priority.P1, prompt="x", output_budget=5).to_wire()
     wire["output_budget"] = -1
-    result = TaskResult.from_wire(execute(wire, runtime))
+    result = execute(wire, runtime)
     assert result.error is not None
     assert result.error.message.startswith("output_budget:")

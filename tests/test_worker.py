@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from swarm_workers.celery_app import RUN_AGENT
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
 from swarm_workers.models import AgentTask, Priority, TaskResult, TaskState
-from swarm_workers.queues import queue_name
+from swarm_workers.queues import RUN_AGENT, queue_name
 
 from .conftest import WorkerFactory, wait_until
 
@@ -37,6 +36,21 @@ def test_submit_and_wait_for_a_result(start_worker: WorkerFactory, client: Swarm
     status = client.status(handle.id)
     assert status.state is TaskState.SUCCEEDED
     assert status.result == result
+
+
+def test_a_finished_task_leaves_exactly_one_key_its_result(
+    start_worker: WorkerFactory, client: SwarmClient, redis_conn: redis.Redis
+) -> None:
+    """One copy of the outcome: no Celery result, no lease, no run count left behind."""
+    start_worker()
+    handle = client.submit("store me once", priority="P1")
+    result = handle.result(timeout=30)
+    assert result.ok, result.error
+    naming_it = sorted(k.decode() for k in redis_conn.scan_iter(match=f"*{handle.id}*"))
+    assert naming_it == [client.settings.keys.result(handle.id)]
+    stored = redis_conn.get(naming_it[0])
+    assert stored is not None
+    assert TaskResult.model_validate_json(stored) == result
 
 
 def test_status_of_a_queued_task(client: SwarmClient) -> None:

@@ -1,6 +1,7 @@
-"""DAG -> Celery canvas, and the checks a DAG must pass before anything is sent.
+"""The checks a DAG must pass before anything is sent, and its plan as series and
+parallel steps (which `dag.canvas` turns into Celery chords, chains and groups).
 
-Three steps, each usable alone:
+Steps, each usable alone:
 
 1. `validate(spec, max_nodes)`: size, ids, duplicates, unknown deps, cycles (named),
    template references. Raises a `DagError` (or `InvalidTask` for a bad id).
@@ -11,9 +12,7 @@ Three steps, each usable alone:
    depends on a, d on a and b), its sources are split off as one level (`Series(barrier=True)`):
    the rest of that part waits for all of them, even those it does not depend on.
    `Plan.extra_waits` counts such (node, non-ancestor it waits for) pairs.
-3. `to_canvas(step, signature)`: `Leaf` -> the node's signature, `Parallel` -> `group`,
-   `Series` -> `chain`, where a `Parallel` followed by a step becomes a `chord`
-   (header: the group, body: that step). That is the fan-in.
+See `dag.canvas` for the third step, the Celery canvas.
 
 Every node signature is immutable and carries only `(dag_id, node)`: results are
 never passed along the canvas; a node reads exactly its deps' outputs from Redis by
@@ -28,11 +27,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from celery import chain, chord, group
 
 from swarm_workers.dag import template
 from swarm_workers.dag.model import NODE_ID_PATTERN, DagSpec
@@ -46,21 +42,17 @@ from swarm_workers.errors import (
 )
 
 __all__ = [
-    "DAG_NODE",
     "Leaf",
     "Parallel",
     "Plan",
     "Series",
     "Step",
     "find_cycle",
+    "nodes_of",
     "plan",
-    "to_canvas",
     "topological_order",
     "validate",
 ]
-
-DAG_NODE = "swarm.dag_node"
-"""The Celery task that runs one node: args `(dag_id, node)`, see `dag.tasks`."""
 
 _NODE_ID = re.compile(NODE_ID_PATTERN)
 
@@ -286,46 +278,13 @@ def _waited(step: Step, bit: Mapping[str, int], before: int = 0) -> dict[str, in
     found = {}
     for part in step.steps:
         found.update(_waited(part, bit, before))
-        for node in _nodes(part):
+        for node in nodes_of(part):
             before |= bit[node]
     return found
 
 
-def _nodes(step: Step) -> list[str]:
+def nodes_of(step: Step) -> list[str]:
     if isinstance(step, Leaf):
         return [step.node]
     children = step.branches if isinstance(step, Parallel) else step.steps
-    return [node for child in children for node in _nodes(child)]
-
-
-# --------------------------------------------------------------------------- canvas
-
-
-def to_canvas(step: Step, signature: Callable[[str], Any]) -> Any:
-    """The Celery canvas for a step; `signature(node)` gives a node's immutable signature.
-
-    A group followed by a step is a chord whose body is that step; when that step is
-    a group too, the body is the next chord. What follows goes on in a chain, which
-    Celery's `chain()` folds into the last chord's body, as `|` does. Shapes:
-    fan-in `chord([a, b], s)`, diamond `chain(a, chord([b, c], d))`,
-    `[g1, g2, x]` -> `chord(g1, chord(g2, x))`, `[g1, x, y]` -> `chord(g1, chain(x, y))`.
-    """
-    if isinstance(step, Leaf):
-        return signature(step.node)
-    if isinstance(step, Parallel):
-        return group([to_canvas(branch, signature) for branch in step.branches])
-    parts: list[Any] = []
-    for part in reversed(_flat(step)):
-        canvas = to_canvas(part, signature)
-        if isinstance(part, Parallel) and parts:
-            canvas = chord(canvas, body=parts.pop(0))  # fan-in
-        parts.insert(0, canvas)
-    return chain(*parts) if len(parts) > 1 else parts[0]
-
-
-def _flat(series: Series) -> list[Step]:
-    """A series' steps with nested series spliced in (running one after another anyway)."""
-    steps: list[Step] = []
-    for part in series.steps:
-        steps.extend(_flat(part) if isinstance(part, Series) else [part])
-    return steps
+    return [node for child in children for node in nodes_of(child)]

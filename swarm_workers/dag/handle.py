@@ -11,23 +11,19 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from swarm_workers.dag.outcome import NodeState, Outcome, blocked
 from swarm_workers.dag.store import DagRecord, DagStore
 from swarm_workers.errors import ResultTimeout
-from swarm_workers.models import Priority, TaskResult
-
-if TYPE_CHECKING:
-    from swarm_workers.client import SwarmClient
+from swarm_workers.models import Priority, TaskResult, TaskState
+from swarm_workers.results import ResultStore
 
 __all__ = ["DagHandle", "DagState", "DagStatus", "NodeStatus"]
 
 DagState = Literal["running", "succeeded", "failed"]
-
-_CELERY_STATES = {"STARTED": NodeState.RUNNING, "RETRY": NodeState.RUNNING}
 
 
 class NodeStatus(BaseModel):
@@ -95,20 +91,20 @@ class DagHandle:
     >>> dag = client.submit_dag(nodes)              # doctest: +SKIP
     >>> dag.wait(600).ok                            # doctest: +SKIP
     True
-    >>> DagHandle.attach(client, dag.id).status()   # doctest: +SKIP
+    >>> client.dag(dag.id).status()                 # doctest: +SKIP
     """
 
-    def __init__(self, client: SwarmClient, record: DagRecord) -> None:
-        self.client = client
+    def __init__(self, record: DagRecord, store: DagStore, results: ResultStore) -> None:
         self.record = record
-        self._store = DagStore(client.app.backend.client, client.settings)
+        self._store = store
+        self._results = results
         self._recorded: dict[str, TaskResult] = {}  # results never change once stored
 
     @classmethod
-    def attach(cls, client: SwarmClient, dag_id: str) -> DagHandle:
-        """A handle for a DAG submitted earlier, maybe by another process."""
-        store = DagStore(client.app.backend.client, client.settings)
-        return cls(client, store.record(dag_id))
+    def attach(cls, dag_id: str, store: DagStore, results: ResultStore) -> DagHandle:
+        """A handle for a DAG submitted earlier, maybe by another process
+        (`SwarmClient.dag(dag_id)` calls this)."""
+        return cls(store.record(dag_id), store, results)
 
     @property
     def id(self) -> str:
@@ -119,7 +115,7 @@ class DagHandle:
 
     def result(self, node: str, timeout: float = 300.0) -> TaskResult:
         """Wait for one node's recorded result."""
-        return self.client.result(self.task_id(node), timeout=timeout)
+        return self._results.wait(self.task_id(node), timeout=timeout)
 
     def wait(self, timeout: float = 600.0, interval: float = 0.2) -> DagStatus:
         """Poll until every node is done, failed or skipped; raises ResultTimeout."""
@@ -136,10 +132,12 @@ class DagHandle:
     def status(self) -> DagStatus:
         """Each node's state; a node downstream of a failure shows it at once."""
         unknown = [n.task_id for n in self.record.nodes.values() if n.task_id not in self._recorded]
-        for task_id, result in zip(unknown, self._store.results(unknown), strict=True):
-            if result is not None:
-                self._recorded[task_id] = result
-        celery = self._celery_states([t for t in unknown if t not in self._recorded])
+        running: set[str] = set()
+        for found in self._results.statuses(unknown):
+            if found.result is not None:
+                self._recorded[found.task_id] = found.result
+            elif found.state is TaskState.RUNNING:
+                running.add(found.task_id)
 
         outcomes: dict[str, Outcome] = {}
         nodes: dict[str, NodeStatus] = {}
@@ -151,9 +149,9 @@ class DagHandle:
             elif stop is not None:
                 outcome = stop
             else:
-                outcome = celery.get(spec.task_id) or Outcome(NodeState.PENDING)
-                if outcome.state is NodeState.FAILED:
-                    outcome = Outcome.failed(node, outcome.reason or "crashed", spec.on_failure)
+                outcome = Outcome(
+                    NodeState.RUNNING if spec.task_id in running else NodeState.PENDING
+                )
             outcomes[node] = outcome
             nodes[node] = NodeStatus(
                 node=node,
@@ -170,26 +168,6 @@ class DagHandle:
             fatal = any(o.fatal for o in outcomes.values())
             state = "failed" if fatal else "succeeded"
         return DagStatus(dag_id=self.id, name=self.record.name, state=state, nodes=nodes)
-
-    def _celery_states(self, task_ids: list[str]) -> dict[str, Outcome]:
-        """Running, or crashed (Celery FAILURE: the task body raised), for unrecorded nodes."""
-        if not task_ids:
-            return {}
-        backend: Any = self.client.app.backend
-        raws = backend.mget([backend.get_key_for_task(t) for t in task_ids])
-        found: dict[str, Outcome] = {}
-        for task_id, raw in zip(task_ids, raws, strict=True):
-            if raw is None:
-                continue
-            meta = backend.decode_result(raw)
-            if meta["status"] in ("FAILURE", "REVOKED"):
-                error = meta.get("result")
-                found[task_id] = Outcome(
-                    NodeState.FAILED, f"crashed: {type(error).__name__}: {error}"
-                )
-            elif meta["status"] in _CELERY_STATES:
-                found[task_id] = Outcome(_CELERY_STATES[meta["status"]])
-        return found
 
     def __repr__(self) -> str:
         return f"DagHandle(id={self.id}, nodes={len(self.record.nodes)})"

@@ -14,41 +14,54 @@ import redis
 
 from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.config import Settings
+from swarm_workers.execution.claims import Claims
 from swarm_workers.ratelimit.base import Limiter, build_limiter
 from swarm_workers.redis_client import redis_client
+from swarm_workers.results import ResultStore
 from swarm_workers.tools.base import Toolset
 from swarm_workers.tools.registry import build_toolset
 
-__all__ = ["Runtime", "redis_client"]
+__all__ = ["Runtime"]
 
 
 @dataclass
 class Runtime:
-    """Per-process resources, built lazily on the first task and reused."""
+    """Per-process resources, built once at worker start and shared by its threads."""
 
     settings: Settings
     redis: redis.Redis
     tools: Toolset
     limiter: Limiter
     llm: openai.OpenAI  # one pooled chat-completions client for every pool thread
+    results: ResultStore
+    claims: Claims
     worker_name: str = field(default_factory=socket.gethostname)
 
     @classmethod
     def build(cls, settings: Settings, worker_name: str | None = None) -> Runtime:
         client = redis_client(settings.redis_url)
+        worker = settings.worker
         return cls(
             settings=settings,
             redis=client,
             tools=build_toolset(settings, client),
             limiter=build_limiter(settings, client),
             llm=build_llm_client(settings.llm),
+            results=ResultStore.from_settings(settings, client),
+            claims=Claims(
+                client,
+                settings.keys,
+                lease_ttl_s=worker.lease_ttl_s,
+                result_ttl_s=settings.limits.result_ttl_s,
+                # A run count outlives the longest a crashed run's message can take to
+                # come back, for every attempt allowed.
+                attempts_ttl_s=worker.visibility_timeout_s * (worker.max_attempts + 1),
+            ),
             worker_name=worker_name or socket.gethostname(),
         )
 
-    def key(self, *parts: str) -> str:
-        return ":".join((self.settings.key_prefix, *parts))
-
     def close(self) -> None:
+        self.claims.close()
         self.tools.close()
         self.redis.close()
         self.llm.close()

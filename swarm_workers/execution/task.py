@@ -1,0 +1,209 @@
+"""From a wire payload to a recorded `TaskResult`: the body of every agent task.
+
+Plain Python, no Celery. One delivery:
+
+1. starts the task's deadline (`worker.task_time_limit_s`): it bounds every wait
+   that follows, the twin wait, the bucket, the model and the tools;
+2. decodes the payload (one that this build cannot read is recorded as failed);
+3. begins a run (`claims.Claims.begin`): a stored outcome is returned as it is, with
+   no model call (what makes redelivered chord header tasks idempotent); a lease held
+   by a twin delivery is waited out (the twin records, or its lease lapses); else the
+   lease is ours and the run is counted;
+4. a run beyond `worker.max_attempts` (the earlier ones were cut short by dying
+   workers) is recorded as failed, `TooManyAttempts`, instead of killing another;
+5. runs the agent loop (`prepare` may rewrite the task first: a DAG node's prompt);
+6. records the outcome and releases the lease in one step, and returns what is stored.
+
+Redis errors are retried with backoff for a bounded time; past that a `RedisError`
+leaves here, the run's count is given back (a blip costs no attempt), and the task
+body puts the message back on its queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import redis
+from pydantic import ValidationError
+
+from swarm_workers.agent.loop import run_agent
+from swarm_workers.deadline import Deadline
+from swarm_workers.errors import SwarmError
+from swarm_workers.execution.claims import Claim
+from swarm_workers.execution.runtime import Runtime
+from swarm_workers.metrics import observe_result
+from swarm_workers.models import AgentTask, TaskResult, Timings, utcnow
+
+__all__ = ["execute", "undecodable"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Prepare = Callable[[AgentTask], "AgentTask | TaskResult"]
+"""Turns a task into the task to run, or into an outcome decided without running it."""
+
+
+def execute(
+    payload: Any,
+    runtime: Runtime,
+    *,
+    decode: Callable[[Any], AgentTask] = AgentTask.from_wire,
+    prepare: Prepare | None = None,
+) -> TaskResult:
+    """Run one delivery of a task and return its recorded outcome (see the module doc).
+
+    Raises redis.RedisError when Redis stays unavailable: the caller requeues.
+    """
+    deadline = Deadline.start(runtime.settings.worker.task_time_limit_s)
+    try:
+        task = decode(payload)
+    except ValidationError as exc:
+        return runtime.results.put(undecodable(payload, exc, runtime.worker_name))
+
+    claim = _claim(task, runtime, deadline)
+    if isinstance(claim, TaskResult):
+        return claim
+    try:
+        result = _run(task, claim, runtime, deadline, prepare)
+    except redis.RedisError:
+        runtime.claims.abandon(claim)
+        raise
+    except BaseException:
+        runtime.claims.release(claim)
+        raise
+    if claim.lost:
+        # Someone else may own the task now; our outcome is not to be recorded.
+        runtime.claims.abandon(claim)
+        raise redis.ConnectionError(f"task {task.id}: lease lost during the run")
+    try:
+        recorded = _with_retries(lambda: runtime.claims.finish(claim, result), deadline)
+    except redis.RedisError:
+        # The outcome could not be stored: the run goes back on the queue uncounted and
+        # its lease lapses within one TTL, so the redelivery is not held up for long.
+        runtime.claims.abandon(claim)
+        raise
+    if recorded == result:  # a racing twin's outcome was counted by its own worker
+        observe_result(result)
+    return recorded
+
+
+def _claim(task: AgentTask, runtime: Runtime, deadline: Deadline) -> Claim | TaskResult:
+    """A claim to run `task`, or its stored outcome; waits while a twin holds the lease."""
+    while True:
+        begun = _with_retries(lambda: runtime.claims.begin(task.id, deadline), deadline)
+        if begun.result is not None:
+            log.info("task %s: already recorded, returning the stored result", task.id)
+            return begun.result
+        if begun.claim is not None:
+            return begun.claim
+        # Another delivery of this very task runs (redelivered after a broker reconnect,
+        # say): it records soon, or its lease lapses within one TTL if its worker died.
+        if deadline.expired():
+            raise redis.ConnectionError(f"task {task.id}: a twin delivery still holds its lease")
+        deadline.sleep(min(0.5, max(0.05, begun.busy_for_s)))
+
+
+def _run(
+    task: AgentTask,
+    claim: Claim,
+    runtime: Runtime,
+    deadline: Deadline,
+    prepare: Prepare | None,
+) -> TaskResult:
+    started = utcnow()
+    limit = runtime.settings.worker.max_attempts
+    if claim.runs > limit:
+        message = f"started {claim.runs} times; each run before was cut short by its worker dying"
+        log.warning("task %s failed: TooManyAttempts: %s", task.id, message)
+        return TaskResult.failure(
+            "TooManyAttempts",
+            message,
+            task=task,
+            worker=runtime.worker_name,
+            attempts=claim.runs,
+            started_at=started,
+        )
+    log.info("start %s run=%d", task.redacted(), claim.runs)
+    try:
+        ready = prepare(task) if prepare is not None else task
+        if isinstance(ready, TaskResult):
+            return ready
+        outcome = run_agent(ready, runtime, deadline)
+    except SwarmError as exc:
+        kind, message = type(exc).__name__, str(exc)
+    except redis.RedisError:
+        raise
+    except Exception as exc:  # a bug of ours: recorded, so a chord still completes
+        log.exception("task %s: internal error", task.id)
+        kind, message = "InternalError", f"{type(exc).__name__} in the worker (see its log)"
+    else:
+        if outcome.error is not None:
+            log.warning(
+                "task %s failed: %s: %s", task.id, outcome.error.type, outcome.error.message
+            )
+        return TaskResult(
+            task_id=task.id,
+            role=task.role,
+            priority=task.priority,
+            status="succeeded" if outcome.ok else "failed",
+            output=outcome.output,
+            error=outcome.error,
+            stop_reason=outcome.stop_reason,
+            model=outcome.model,
+            steps=outcome.steps,
+            usage=outcome.usage,
+            tool_calls=outcome.tool_calls,
+            cost_usd=outcome.cost_usd,
+            attempts=claim.runs,
+            worker=runtime.worker_name,
+            timings=_timings(task, started),
+        )
+    log.warning("task %s failed: %s: %s", task.id, kind, message)
+    return TaskResult.failure(
+        kind,
+        message,
+        task=task,
+        worker=runtime.worker_name,
+        attempts=claim.runs,
+        started_at=started,
+    )
+
+
+def _timings(task: AgentTask, started: datetime) -> Timings:
+    return Timings(submitted_at=task.submitted_at, started_at=started, finished_at=utcnow())
+
+
+def undecodable(payload: Any, exc: ValidationError, worker: str | None) -> TaskResult:
+    """A payload this build cannot read is recorded as failed, not retried forever."""
+    fields = payload if isinstance(payload, dict) else {}
+    task_id = str(fields.get("id") or "unknown")
+    first = exc.errors()[0]
+    problem = f"{'.'.join(str(p) for p in first['loc']) or 'payload'}: {first['msg']}"
+    log.error("task %s: undecodable payload: %s", task_id, problem)
+    return TaskResult.failure("InvalidPayload", problem, task_id=task_id, worker=worker)
+
+
+_RETRY_FIRST_S = 0.1
+_RETRY_MAX_S = 2.0
+_RETRY_FOR_S = 30.0
+
+
+def _with_retries(call: Callable[[], T], deadline: Deadline) -> T:
+    """`call()`, retried on Redis errors with backoff for up to 30 s (never past the
+    deadline plus that): a failover or a dropped connection is not the task's failure."""
+    give_up = time.monotonic() + _RETRY_FOR_S
+    pause = _RETRY_FIRST_S
+    while True:
+        try:
+            return call()
+        except redis.RedisError as exc:
+            if time.monotonic() + pause > give_up:
+                raise
+            log.warning("Redis unavailable (%s); retrying in %.1fs", type(exc).__name__, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX_S)
