@@ -210,6 +210,8 @@ class WorkerSettings(_Section):
     # A running task's lease on its id: renewed every third of this while the run lives,
     # so a dead worker's task can be taken over after at most this long.
     lease_ttl_s: float = Field(30.0, ge=1, le=3600)
+    # A task whose earlier run was cut short runs in a child process (`isolation`).
+    isolate_suspects: bool = True
     heartbeat_file: Path = Path("/tmp/swarm-worker.heartbeat")
     heartbeat_interval_s: float = Field(5.0, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)
@@ -220,6 +222,12 @@ class WorkerSettings(_Section):
             raise ValueError(
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
                 f"task_time_limit_s ({self.task_time_limit_s}) or long tasks run twice"
+            )
+        if self.lease_ttl_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"lease_ttl_s ({self.lease_ttl_s:g}) must be below visibility_timeout_s "
+                f"({self.visibility_timeout_s}): a dead worker's task comes back after the "
+                "visibility timeout and must find its lease lapsed"
             )
         return self
 
@@ -249,6 +257,8 @@ class Settings(BaseSettings):
     # The file these settings were read from (set by `load_settings`), for the tool
     # registry's hot reload of `[tools.servers]`; None when built without a file.
     config_path: Path | None = None
+    # Fault injection for the fault suite (`execution.failpoints`): "crash" or "".
+    failpoints: str = Field("", pattern=r"^(crash)?$")
     redact_prompts: bool = True
     roles: dict[RoleName, RoleSettings] = Field(default_factory=lambda: {"default": RoleSettings()})
     llm: LLMSettings = LLMSettings()
@@ -285,6 +295,10 @@ class Settings(BaseSettings):
 
     def model_for(self, role: str) -> str:
         return self.role(role).model or self.llm.model
+
+    @property
+    def failpoint_set(self) -> frozenset[str]:
+        return frozenset(p for p in self.failpoints.split(",") if p)
 
     @property
     def keys(self) -> Keys:

@@ -397,7 +397,7 @@ def test_the_loop_enforces_the_task_time_limit() -> None:
             None,
             roles={"default": {"tools": ["local__add"]}},
             llm={"base_url": slow.base_url, "model": MODEL, "max_retries": 3},
-            worker={"task_time_limit_s": 2, "visibility_timeout_s": 10},
+            worker={"task_time_limit_s": 2, "visibility_timeout_s": 10, "lease_ttl_s": 2},
         )
         started = time.monotonic()
         outcome = run_agent(_task('CALL local__add {"a": 1, "b": 2}'), _runtime(settings))

@@ -14,9 +14,12 @@ Plain Python, no Celery. One delivery:
 5. runs the agent loop (`prepare` may rewrite the task first: a DAG node's prompt);
 6. records the outcome and releases the lease in one step, and returns what is stored.
 
+A task whose earlier run was cut short runs in a child process (`isolation`), so a
+poison task that kills its process takes no neighbour with it.
+
 Redis errors are retried with backoff for a bounded time; past that a `RedisError`
 leaves here, the run's count is given back (a blip costs no attempt), and the task
-body puts the message back on its queue.
+body puts the message back on its queue. `Requeue` asks for the same.
 """
 
 from __future__ import annotations
@@ -34,15 +37,22 @@ from swarm_workers.agent.loop import run_agent
 from swarm_workers.deadline import Deadline
 from swarm_workers.errors import SwarmError
 from swarm_workers.execution.claims import Claim
+from swarm_workers.execution.failpoints import check_failpoints
+from swarm_workers.execution.isolation import RunCrashed, run_isolated
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.metrics import observe_result
 from swarm_workers.models import AgentTask, TaskResult, Timings, utcnow
 
-__all__ = ["execute", "undecodable"]
+__all__ = ["Requeue", "execute", "undecodable"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Requeue(Exception):
+    """This delivery ends unrecorded and its message goes back on the queue."""
+
 
 Prepare = Callable[[AgentTask], "AgentTask | TaskResult"]
 """Turns a task into the task to run, or into an outcome decided without running it."""
@@ -57,7 +67,8 @@ def execute(
 ) -> TaskResult:
     """Run one delivery of a task and return its recorded outcome (see the module doc).
 
-    Raises redis.RedisError when Redis stays unavailable: the caller requeues.
+    Raises redis.RedisError when Redis stays unavailable, `Requeue` when the run was
+    cut short without an outcome: the caller puts the message back either way.
     """
     deadline = Deadline.start(runtime.settings.worker.task_time_limit_s)
     try:
@@ -73,13 +84,17 @@ def execute(
     except redis.RedisError:
         runtime.claims.abandon(claim)
         raise
+    except RunCrashed as exc:
+        log.error("%s", exc)
+        runtime.claims.release(claim)  # counted: this run was cut short
+        raise Requeue(str(exc)) from exc
     except BaseException:
         runtime.claims.release(claim)
         raise
     if claim.lost:
         # Someone else may own the task now; our outcome is not to be recorded.
         runtime.claims.abandon(claim)
-        raise redis.ConnectionError(f"task {task.id}: lease lost during the run")
+        raise Requeue(f"task {task.id}: lease lost during the run")
     try:
         recorded = _with_retries(lambda: runtime.claims.finish(claim, result), deadline)
     except redis.RedisError:
@@ -104,7 +119,7 @@ def _claim(task: AgentTask, runtime: Runtime, deadline: Deadline) -> Claim | Tas
         # Another delivery of this very task runs (redelivered after a broker reconnect,
         # say): it records soon, or its lease lapses within one TTL if its worker died.
         if deadline.expired():
-            raise redis.ConnectionError(f"task {task.id}: a twin delivery still holds its lease")
+            raise Requeue(f"task {task.id}: a twin delivery still holds its lease")
         deadline.sleep(min(0.5, max(0.05, begun.busy_for_s)))
 
 
@@ -133,10 +148,14 @@ def _run(
         ready = prepare(task) if prepare is not None else task
         if isinstance(ready, TaskResult):
             return ready
-        outcome = run_agent(ready, runtime, deadline)
+        if claim.runs > 1 and runtime.settings.worker.isolate_suspects:
+            outcome = run_isolated(ready, runtime, deadline)
+        else:
+            check_failpoints(ready, runtime.settings)
+            outcome = run_agent(ready, runtime, deadline)
     except SwarmError as exc:
         kind, message = type(exc).__name__, str(exc)
-    except redis.RedisError:
+    except (redis.RedisError, RunCrashed):
         raise
     except Exception as exc:  # a bug of ours: recorded, so a chord still completes
         log.exception("task %s: internal error", task.id)
