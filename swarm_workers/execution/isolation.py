@@ -9,8 +9,11 @@ keeps renewing the lease. If the child dies, only the suspect's run is cut short
 counts as an attempt and the message goes back on the queue; after
 `worker.max_attempts` runs the task is recorded as failed, `TooManyAttempts`.
 
-The child rebuilds the process runtime from the parent's settings (sent on stdin,
-secrets included, never on argv) and writes the `AgentOutcome` as JSON on stdout.
+The child (`execution.isolated_child`) rebuilds the process runtime from the parent's
+settings (sent on stdin, secrets included, never on argv) and writes the
+`AgentOutcome` as JSON on stdout. A child that fails with an exception is an internal
+error, one still running at the task's deadline a time-limit stop: only a child killed
+by a signal is a crash.
 A child costs a Python start and the runtime's build (about a second): a price paid
 only by tasks that already took a worker down once.
 """
@@ -18,7 +21,7 @@ only by tasks that already took a worker down once.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +29,20 @@ from typing import Any
 
 from pydantic import SecretStr, TypeAdapter
 
-from swarm_workers.agent.loop import AgentOutcome, run_agent
+from swarm_workers.agent.loop import AgentOutcome
 from swarm_workers.config import Settings
 from swarm_workers.deadline import Deadline
-from swarm_workers.execution.failpoints import check_failpoints
+from swarm_workers.errors import TimeLimitExceeded
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.models import AgentTask
 
-__all__ = ["RunCrashed", "run_isolated"]
+__all__ = ["OUTCOME_JSON", "RunCrashed", "run_isolated", "settings_json"]
 
-_OUTCOME = TypeAdapter(AgentOutcome)
-_EXTRA_GRACE_S = 10.0  # the child's start and runtime build, on top of the task's deadline
+OUTCOME_JSON = TypeAdapter(AgentOutcome)
+_EXIT_GRACE_S = 2.0  # for the child to write its outcome once its deadline stopped the loop
+
+
+log = logging.getLogger(__name__)
 
 
 class RunCrashed(Exception):
@@ -46,25 +52,35 @@ class RunCrashed(Exception):
 def run_isolated(task: AgentTask, runtime: Runtime, deadline: Deadline) -> AgentOutcome:
     """Run `task`'s agent loop in a child process; `RunCrashed` when the child dies."""
     request = {
-        "settings": _plain(runtime.settings.model_dump(mode="python")),
+        "settings": settings_json(runtime.settings),
         "task": task.to_wire(),
         "remaining_s": max(0.001, deadline.remaining()),
         "worker": runtime.worker_name,
     }
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "swarm_workers.execution.isolation"],
+            [sys.executable, "-m", "swarm_workers.execution.isolated_child"],
             input=json.dumps(request).encode(),
             capture_output=True,
-            timeout=deadline.cap(deadline.limit_s) + _EXTRA_GRACE_S,
+            timeout=max(0.0, deadline.remaining()) + _EXIT_GRACE_S,
             check=False,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise RunCrashed(f"task {task.id}: its isolated run did not end in time") from exc
+    except subprocess.TimeoutExpired as exc:  # subprocess.run killed it
+        raise TimeLimitExceeded(deadline.limit_s, "running in isolation") from exc
+    if done.returncode < 0:
+        raise RunCrashed(
+            f"task {task.id}: its isolated run was killed by signal {-done.returncode}"
+        )
     if done.returncode != 0:
-        tail = done.stderr.decode(errors="replace")[-500:]
-        raise RunCrashed(f"task {task.id}: its isolated run died ({done.returncode}): {tail}")
-    return _OUTCOME.validate_json(done.stdout)
+        tail = done.stderr.decode(errors="replace")[-2000:]
+        log.error("task %s: isolated run failed (%d):\n%s", task.id, done.returncode, tail)
+        raise RuntimeError(f"isolated run exited with {done.returncode}")
+    return OUTCOME_JSON.validate_json(done.stdout)
+
+
+def settings_json(settings: Settings) -> Any:
+    """Settings as plain JSON data, secrets revealed: for our own child, on a pipe."""
+    return _plain(settings.model_dump(mode="python"))
 
 
 def _plain(value: Any) -> Any:
@@ -78,22 +94,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def _child() -> None:
-    request = json.loads(sys.stdin.buffer.read())
-    settings = Settings.model_validate(request["settings"])
-    task = AgentTask.from_wire(request["task"])
-    runtime = Runtime.build(settings, request["worker"])
-    try:
-        check_failpoints(task, settings)
-        outcome = run_agent(task, runtime, Deadline.start(request["remaining_s"]))
-    finally:
-        runtime.close()
-    sys.stdout.buffer.write(_OUTCOME.dump_json(outcome))
-    sys.stdout.flush()
-    os._exit(0)  # no atexit work: the parent has what it needs
-
-
-if __name__ == "__main__":
-    _child()
