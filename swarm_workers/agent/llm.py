@@ -50,7 +50,7 @@ from swarm_workers.errors import (
 )
 from swarm_workers.metrics import LLM_429
 from swarm_workers.models import Priority
-from swarm_workers.ratelimit.base import Limiter
+from swarm_workers.ratelimit.limiter import Limiter
 
 __all__ = [
     "ChatRequest",

@@ -69,7 +69,7 @@ from swarm_workers.models import (
     ToolCallRecord,
     Usage,
 )
-from swarm_workers.ratelimit.base import Limiter
+from swarm_workers.ratelimit.limiter import Limiter
 from swarm_workers.tools.base import Toolset, ToolSpec, validate_arguments
 
 __all__ = ["TOOL_THREADS", "AgentOutcome", "AgentRuntime", "initial_messages", "run_agent"]

@@ -51,9 +51,10 @@ from redis.cluster import RedisCluster
 
 from swarm_workers.config import ModelLimit, RateLimitSettings, Settings
 from swarm_workers.errors import ConfigError, RateLimited, RequestTooLarge
+from swarm_workers.keys import Keys
 from swarm_workers.metrics import BUCKET_WAIT
 from swarm_workers.models import Priority
-from swarm_workers.ratelimit.base import Reservation, Unlimited
+from swarm_workers.ratelimit.limiter import Reservation, Unlimited
 
 __all__ = [
     "ALL_MODELS",
@@ -301,6 +302,7 @@ class TokenBucketLimiter:
         self.client = client
         self.settings = settings
         self.prefix = prefix
+        self._keys = Keys(prefix)
         self._sleep = sleep
         self._rand = rand
         self._buckets: dict[str, RedisTokenBucket | None] = {}
@@ -317,10 +319,10 @@ class TokenBucketLimiter:
         found: list[Bucket] = []
         if self.global_limit is None:
             if own is not None:
-                found += buckets_for(f"{{{self.prefix}:rl:{model}}}", own, burst, name=model)
+                found += buckets_for(self._keys.bucket_tag(model), own, burst, name=model)
         else:
             # One hash tag for every key, since the global keys go in every call.
-            tag = f"{{{self.prefix}:rl}}"
+            tag = self._keys.bucket_tag(None)
             if own is not None and model != ALL_MODELS:
                 found += buckets_for(f"{tag}:{model}", own, burst, name=model)
             found += buckets_for(f"{tag}:{ALL_MODELS}", self.global_limit, burst, name=ALL_MODELS)

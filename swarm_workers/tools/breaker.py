@@ -30,6 +30,7 @@ from typing import Literal
 import redis
 
 from swarm_workers.config import BreakerSettings
+from swarm_workers.keys import Keys
 from swarm_workers.metrics import BREAKER_STATE
 
 __all__ = ["BreakerState", "CircuitBreaker", "Permit"]
@@ -84,14 +85,14 @@ class CircuitBreaker:
         probe_lease_s: float = 30.0,
     ) -> None:
         self._redis = client
-        self._prefix = key_prefix
+        self._keys_of = Keys(key_prefix)
         self._settings = settings
         self._probe_lease_ms = max(1, int(probe_lease_s * 1000))
         self._script = client.register_script(_SCRIPT)
 
     def _keys(self, server: str) -> list[str]:
-        base = f"{self._prefix}:breaker:{server}"
-        return [base, f"{base}:probe", f"{base}:failures"]
+        # One hash tag for the three keys: the script touches them together (Cluster).
+        return list(self._keys_of.breaker(server))
 
     def allow(self, server: str) -> Permit:
         """May a call to `server` go now? Never raises: a Redis outage fails open, logged."""
