@@ -15,16 +15,18 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 
 from swarm_workers.agent.budget import token_counter
 from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.agent.loop import _run_tool_calls, initial_messages, run_agent
-from swarm_workers.config import Settings, load_settings
+from swarm_workers.config import ModelLimit, RateLimitSettings, Settings, load_settings
 from swarm_workers.deadline import Deadline
 from swarm_workers.models import AgentTask, ChatMessage, Priority
-from swarm_workers.ratelimit.base import Limiter, Reservation
+from swarm_workers.ratelimit.bucket import TokenBucketLimiter
+from swarm_workers.ratelimit.limiter import Limiter, Reservation
 from swarm_workers.tools.base import LocalToolset, ToolResult, Toolset
 
 from .conftest import FakeLLM, spawn_fake_llm
@@ -64,7 +66,9 @@ class _Held:
 class RecordingLimiter:
     ledger: Ledger = field(default_factory=Ledger)
 
-    def acquire(self, model: str, priority: Priority, tokens: int) -> Reservation:
+    def acquire(
+        self, model: str, priority: Priority, tokens: int, deadline: Deadline | None = None
+    ) -> Reservation:
         self.ledger.add("acquire", (model, priority, tokens))
         return _Held(self.ledger)
 
@@ -409,3 +413,35 @@ def test_the_loop_enforces_the_task_time_limit() -> None:
     assert "time limit of 2s" in outcome.error.message
     assert outcome.steps == 1  # the first call finished; the second was cut off
     assert elapsed < 2.0 + 1.5, f"the loop ran {elapsed:.1f}s past a 2 s limit"
+
+
+def test_a_bucket_wait_ends_at_the_task_deadline_not_at_max_wait(
+    fake: FakeLLM, redis_conn: redis.Redis
+) -> None:
+    """Issue 13 item 5: a blocked bucket used to hold a 1 s task for `max_wait_s`."""
+    settings = _settings(fake, role={"tools": []})
+    limits = RateLimitSettings(
+        models={MODEL: ModelLimit(rpm=60_000, tpm=60_000)},
+        max_wait_s={Priority.P0: 6.0, Priority.P1: 6.0, Priority.P2: 6.0},
+    )
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        time.sleep(seconds)
+
+    limiter = TokenBucketLimiter(redis_conn, limits, sleep=sleep)
+    limiter.penalize(MODEL, 60.0)  # the provider said 429: every take waits a minute
+    runtime = LoopRuntime(settings, _toolset(), limiter, build_llm_client(settings.llm))
+    deadline = Deadline.start(1.0)
+    started = time.monotonic()
+    outcome = run_agent(_task("REPLY_LEN 3"), runtime, deadline)
+    elapsed = time.monotonic() - started
+
+    assert outcome.error is not None
+    assert outcome.error.type == "TimeLimitExceeded", outcome.error
+    assert "token bucket" in outcome.error.message
+    max_wait = limits.max_wait_s[Priority.P1]
+    assert sum(naps) <= deadline.limit_s  # slept no longer than the deadline allowed
+    assert elapsed < max_wait / 2, f"waited {elapsed:.1f}s of a {max_wait:g}s max wait"
+    assert fake.stats()["requests"] == 0

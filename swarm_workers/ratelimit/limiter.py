@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from swarm_workers.deadline import Deadline
 from swarm_workers.models import Priority
 
 __all__ = ["Limiter", "Reservation", "Unlimited"]
@@ -21,8 +22,14 @@ class Reservation(Protocol):
 
 
 class Limiter(Protocol):
-    def acquire(self, model: str, priority: Priority, tokens: int) -> Reservation:
-        """Block until the fleet may send one request of `tokens`; may raise RateLimited."""
+    def acquire(
+        self, model: str, priority: Priority, tokens: int, deadline: Deadline | None = None
+    ) -> Reservation:
+        """Block until the fleet may send one request of `tokens`.
+
+        Raises RateLimited past the priority's longest wait, TimeLimitExceeded when
+        `deadline` (the task's) runs out first.
+        """
         ...
 
     def penalize(self, model: str, retry_after_s: float) -> None:
@@ -41,7 +48,9 @@ class _Nothing:
 class Unlimited:
     """No limit: for a model with no configured limit, or with the bucket disabled."""
 
-    def acquire(self, model: str, priority: Priority, tokens: int) -> Reservation:
+    def acquire(
+        self, model: str, priority: Priority, tokens: int, deadline: Deadline | None = None
+    ) -> Reservation:
         return _Nothing()
 
     def penalize(self, model: str, retry_after_s: float) -> None:
