@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from swarm_workers.config import RoleSettings
 from swarm_workers.errors import InvalidToolArguments, ToolFailed, ToolNotAllowed, UnknownTool
+from swarm_workers.metrics import allow_tool_servers
 
 __all__ = [
     "LocalToolset",
@@ -124,6 +125,7 @@ class LocalToolset:
 
     def __init__(self, server: str = "local") -> None:
         self._server = server
+        allow_tool_servers([server])
         self._tools: dict[str, tuple[ToolSpec, Callable[..., Any]]] = {}
 
     def tool(self, *, description: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:

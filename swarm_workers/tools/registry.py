@@ -60,6 +60,7 @@ from swarm_workers.errors import (
     ToolUnavailable,
     UnknownTool,
 )
+from swarm_workers.metrics import allow_tool_servers
 from swarm_workers.tools.base import (
     ToolResult,
     Toolset,
@@ -396,6 +397,7 @@ class ToolRegistry:
         except Exception as exc:  # a config being edited must not stop the fleet
             log.warning("mcp registry: cannot re-read the server list, keeping it: %s", exc)
             return
+        allow_tool_servers(wanted)
         for name in list(self._connections):
             conn = self._connections.get(name)  # a concurrent sync may have removed it
             if conn is None:
