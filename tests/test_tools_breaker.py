@@ -158,3 +158,15 @@ def test_a_breakers_keys_share_one_hash_slot(breakers: Pair, redis_conn: redis.R
     keys = [k.decode() for k in redis_conn.keys("*breaker*")]
     assert keys == ["{swarm:breaker:docs}:failures"]
     assert len({key_slot(k.encode()) for k in a._keys("docs")}) == 1
+
+
+def test_release_frees_the_probe_and_judges_nothing(breakers: Pair) -> None:
+    a, b = breakers
+    _fail(a, "s", 3)
+    time.sleep(FAST.cooldown_s + 0.05)
+    probe = a.allow("s")
+    assert probe.is_probe
+    a.release(probe)  # the call never went out
+    state = b.state("s")
+    assert (state.state, state.probe_pending) == ("half_open", False)
+    assert b.allow("s").is_probe  # another worker may probe at once

@@ -19,8 +19,8 @@ from swarm_workers.errors import (
 )
 from swarm_workers.processes import wait_until
 from swarm_workers.tools.base import Toolset
+from swarm_workers.tools.config_watch import config_file_servers
 from swarm_workers.tools.listing import openai_name
-from swarm_workers.tools.registry import config_file_servers
 from tests.conftest import write_toml
 from tests.mcp_support import (
     McpServers,

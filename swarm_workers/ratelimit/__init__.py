@@ -2,7 +2,6 @@
 
 from swarm_workers.ratelimit.admission import AdmissionControl
 from swarm_workers.ratelimit.base import build_limiter
-from swarm_workers.ratelimit.limiter import Limiter, Reservation, Unlimited
 from swarm_workers.ratelimit.bucket import (
     Bucket,
     BucketReservation,
@@ -11,6 +10,7 @@ from swarm_workers.ratelimit.bucket import (
     TokenBucketLimiter,
     bucket_levels,
 )
+from swarm_workers.ratelimit.limiter import Limiter, Reservation, Unlimited
 
 __all__ = [
     "AdmissionControl",

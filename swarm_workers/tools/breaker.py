@@ -149,6 +149,15 @@ class CircuitBreaker:
             log.warning("breaker %s: now %s%s", permit.server, new_state, why)
         return new_state
 
+    def release(self, permit: Permit) -> None:
+        """The call never reached the server: free a probe lease, judge nothing."""
+        if not permit.is_probe:
+            return
+        try:
+            self._script(keys=self._keys(permit.server), args=["release", permit.probe_token or ""])
+        except redis.RedisError as exc:  # the lease expires on its own
+            log.warning("breaker %s: could not release the probe: %s", permit.server, exc)
+
     def state(self, server: str) -> BreakerState:
         """The breaker as the next caller would find it (an elapsed cooldown reads half_open)."""
         keys = self._keys(server)
