@@ -22,14 +22,22 @@ from openai.types.chat.chat_completion_message_function_tool_call import Functio
 from swarm_workers.agent.budget import token_counter
 from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.agent.loop import _run_tool_calls, initial_messages, run_agent
-from swarm_workers.config import ModelLimit, RateLimitSettings, Settings, load_settings
+from swarm_workers.config import (
+    ModelLimit,
+    RateLimitSettings,
+    Settings,
+    ToolsSettings,
+    load_settings,
+)
 from swarm_workers.deadline import Deadline
 from swarm_workers.models import AgentTask, ChatMessage, Priority
 from swarm_workers.ratelimit.bucket import TokenBucketLimiter
 from swarm_workers.ratelimit.limiter import Limiter, Reservation
 from swarm_workers.tools.base import LocalToolset, ToolResult, Toolset
+from swarm_workers.tools.registry import ToolRegistry
 
 from .conftest import FakeLLM, spawn_fake_llm
+from .mcp_support import McpServers
 
 MODEL = "fake-gpt"
 SLOW_SPANS: list[tuple[float, float]] = []  # (start, end) of every `slow` tool call
@@ -256,7 +264,6 @@ def test_tool_not_offered_to_the_role_is_refused_to_the_model(fake: FakeLLM) -> 
     role = runtime.settings.role("default")
     answers = _run_tool_calls(
         [call("local__secret", "{}"), call("local__absent", ""), call("local__add", "[1, 2]")],
-        offered,
         role,
         "default",
         runtime,
@@ -445,3 +452,44 @@ def test_a_bucket_wait_ends_at_the_task_deadline_not_at_max_wait(
     assert sum(naps) <= deadline.limit_s  # slept no longer than the deadline allowed
     assert elapsed < max_wait / 2, f"waited {elapsed:.1f}s of a {max_wait:g}s max wait"
     assert fake.stats()["requests"] == 0
+
+
+def test_a_tool_that_outlives_the_deadline_is_not_waited_for_past_it(
+    fake: FakeLLM, mcp_servers: McpServers, redis_url: str
+) -> None:
+    """One deadline bounds the tool wait: no grace on top of it in the loop or registry."""
+    server = mcp_servers.http(name="crawl")
+    settings = _settings(fake, role={"tools": ["crawl__*"]})
+    registry = ToolRegistry(
+        ToolsSettings(servers={"crawl": server.settings()}),
+        redis.Redis.from_url(redis_url),
+        redis_url=redis_url,
+    ).start()
+    try:
+        runtime = LoopRuntime(
+            settings, registry, RecordingLimiter(), build_llm_client(settings.llm)
+        )
+        deadline = Deadline.start(1.5)
+        outcome = run_agent(_task('CALL crawl__slow {"seconds": 4}'), runtime, deadline)
+    finally:
+        registry.close()
+    (record,) = outcome.tool_calls
+    assert not record.ok
+    assert record.error is not None and "unavailable" in record.error
+    assert record.latency_s <= deadline.limit_s  # the wait ended with the deadline
+    assert outcome.error is not None and outcome.error.type == "TimeLimitExceeded"
+
+
+def test_the_toolset_alone_caps_output(fake: FakeLLM) -> None:
+    tools = LocalToolset(max_output_chars=300)
+
+    @tools.tool(description="Talk at length.")
+    def ramble(words: int) -> str:
+        return " ".join(["word"] * words)
+
+    settings = _settings(fake, role={"tools": ["local__ramble"]})
+    runtime = LoopRuntime(settings, tools, RecordingLimiter(), build_llm_client(settings.llm))
+    outcome = run_agent(_task('CALL local__ramble {"words": 5000}'), runtime)
+    assert outcome.ok, outcome.error
+    assert outcome.output is not None
+    assert outcome.output.count("[truncated: 24999 characters, limit 300]") == 1

@@ -34,6 +34,7 @@ from swarm_workers.tools.base import (
     ToolResult,
     Toolset,
     ToolSpec,
+    cap,
     check_allowed,
     validate_arguments,
 )
@@ -45,7 +46,6 @@ from swarm_workers.tools.discovery import Discovery
 from swarm_workers.tools.listing import (
     RegisteredTool,
     ServerTools,
-    cap,
     render_resource,
     render_result,
 )
