@@ -55,12 +55,19 @@ from mcp.types import (
     ReadResourceResult,
     Resource,
     ResourceListChangedNotification,
+    TextContent,
     Tool,
     ToolListChangedNotification,
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
 from swarm_workers.config import MCPServerSettings
+from swarm_workers.tools.bounded_read import (
+    MIN_READ_LIMIT,
+    OUTPUT_TOO_LARGE,
+    BoundedTransport,
+    bounded_stdio_client,
+)
 from swarm_workers.tools.cache import (
     RedisResponseCacheStore,
     credential_partition,
@@ -155,7 +162,7 @@ class ServerConnection:
         on_list_changed: OnListChanged,
         backoff_min_s: float = 0.2,
         backoff_max_s: float = 30.0,
-        max_message_bytes: int | None = None,
+        max_message_bytes: int = MIN_READ_LIMIT,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -282,8 +289,9 @@ class ServerConnection:
             params = StdioServerParameters(
                 command=settings.command, args=list(settings.args), env=dict(settings.env) or None
             )
-            return Client(params, **common)
-        headers = dict(settings.headers)
+            return Client(bounded_stdio_client(params, self._max_message_bytes), **common)
+        # The read cap counts the bytes as sent: ask for them uncompressed.
+        headers = {"Accept-Encoding": "identity", **settings.headers}
         if settings.bearer_token_env:
             token = os.environ.get(settings.bearer_token_env)
             if not token:
@@ -295,8 +303,13 @@ class ServerConnection:
             httpx2.AsyncClient(
                 headers=headers,
                 timeout=httpx2.Timeout(settings.timeout_s, read=SSE_READ_TIMEOUT_S),
-                limits=httpx2.Limits(
-                    max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=64
+                transport=BoundedTransport(
+                    httpx2.AsyncHTTPTransport(
+                        limits=httpx2.Limits(
+                            max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=64
+                        )
+                    ),
+                    self._max_message_bytes,
                 ),
             )
         )
@@ -455,6 +468,10 @@ class ServerConnection:
                 async with self._mapped(timeout), self._timed(timing, judged):
                     remaining = max(0.01, deadline - loop.time())
                     return await client.call_tool(tool, arguments, read_timeout_seconds=remaining)
+            except MCPError as exc:
+                if exc.code != OUTPUT_TOO_LARGE:
+                    raise
+                return _truncated(exc)
             except ServerUnavailable as failure:
                 if not (failure.unsent and attempt == 1):
                     raise
@@ -539,6 +556,14 @@ async def _all_pages(
         page = await fetch(page.next_cursor)
         found.extend(items(page))
     return found
+
+
+def _truncated(exc: MCPError) -> CallToolResult:
+    """A result cut while it was read (`bounded_read`): its start, and a note saying so."""
+    data = exc.data if isinstance(exc.data, dict) else {}
+    text = str(data.get("text", ""))
+    note = f"[truncated while reading: {exc.message}; this is only its start]"
+    return CallToolResult(content=[TextContent(type="text", text=f"{text}\n{note}")])
 
 
 def _announces_changes(client: Client) -> bool:

@@ -69,7 +69,7 @@ class Discovery:
         redis_url: str,
         keys: Keys,
         source: ServersSource,
-        max_message_bytes: int | None = None,
+        max_message_bytes: int,
     ) -> None:
         self._settings = settings
         self._catalog = catalog

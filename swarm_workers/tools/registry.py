@@ -38,6 +38,7 @@ from swarm_workers.tools.base import (
     check_allowed,
     validate_arguments,
 )
+from swarm_workers.tools.bounded_read import read_limit
 from swarm_workers.tools.breaker import CircuitBreaker, Permit
 from swarm_workers.tools.catalog import Catalog
 from swarm_workers.tools.config_watch import ServersSource, servers_source
@@ -101,7 +102,7 @@ class ToolRegistry:
             redis_url=redis_url,
             keys=Keys(key_prefix),
             source=self._source,
-            max_message_bytes=max_message_bytes,
+            max_message_bytes=max_message_bytes or read_limit(settings.max_output_chars),
         )
         self._started = False
 
