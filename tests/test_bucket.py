@@ -24,7 +24,8 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from swarm_workers.config import ModelLimit, RateLimitSettings, load_settings
-from swarm_workers.errors import ConfigError, RateLimited
+from swarm_workers.deadline import Deadline
+from swarm_workers.errors import ConfigError, RateLimited, TimeLimitExceeded
 from swarm_workers.models import Priority
 from swarm_workers.ratelimit import (
     Bucket,
@@ -379,6 +380,23 @@ def test_penalize_makes_every_client_back_off(redis_url: str) -> None:
     started = time.monotonic()
     second.acquire("m", Priority.P0, 1)
     assert 0.7 < time.monotonic() - started < 2.0
+
+
+def test_the_task_deadline_bounds_the_wait_before_max_wait(redis_conn: redis.Redis) -> None:
+    naps: list[float] = []
+    settings = limits(m=ModelLimit(rpm=60_000, tpm=60_000))
+    limiter = TokenBucketLimiter(redis_conn, settings, sleep=_recording_sleep(naps))
+    limiter.penalize("m", 60.0)
+    deadline = Deadline.start(0.5)
+    with pytest.raises(TimeLimitExceeded, match="waiting for the token bucket"):
+        limiter.acquire("m", Priority.P0, 1, deadline)
+    assert naps  # it did wait...
+    assert sum(naps) <= deadline.limit_s  # ...only as long as the deadline allowed
+    assert sum(naps) < settings.max_wait_s[Priority.P0] / 2
+    naps.clear()
+    with pytest.raises(TimeLimitExceeded):  # an expired deadline does not wait at all
+        limiter.acquire("m", Priority.P0, 1, deadline)
+    assert naps == []
 
 
 def test_a_global_limit_is_shared_by_every_model(redis_conn: redis.Redis) -> None:

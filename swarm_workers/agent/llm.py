@@ -50,7 +50,7 @@ from swarm_workers.errors import (
 )
 from swarm_workers.metrics import LLM_429
 from swarm_workers.models import Priority
-from swarm_workers.ratelimit.base import Limiter
+from swarm_workers.ratelimit.limiter import Limiter
 
 __all__ = [
     "ChatRequest",
@@ -226,7 +226,7 @@ def complete(
     for attempt in range(policy.max_retries + 1):
         if deadline is not None:
             deadline.check("waiting to call the model")
-        reservation = limiter.acquire(request.model, request.priority, reserve)
+        reservation = limiter.acquire(request.model, request.priority, reserve, deadline)
         started = time.monotonic()
         hint: float | None = None
         try:
