@@ -68,9 +68,6 @@ def worker(
     from swarm_workers.worker import run_worker
 
     settings = _settings(config)
-    if config is not None:
-        # The tool registry re-reads the file named here to pick up new MCP servers.
-        os.environ["SWARM_CONFIG"] = str(config)
     try:
         run_worker(
             settings,
