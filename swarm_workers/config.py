@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "AdmissionSettings",
     "BreakerSettings",
+    "DeadLetterSettings",
     "LLMSettings",
     "LimitsSettings",
     "MCPServerSettings",
@@ -236,6 +237,15 @@ class LimitsSettings(_Section):
     max_payload_bytes: int = Field(256 * 1024, ge=1024)
     max_dag_nodes: int = Field(500, ge=1)
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # A second submit with the same idempotency key within this window enqueues nothing.
+    idempotency_window_s: int = Field(24 * 3600, ge=1)
+
+
+class DeadLetterSettings(_Section):
+    """Tasks that failed for good, kept per role until replayed or purged."""
+
+    retention_s: int = Field(30 * 24 * 3600, ge=60)
+    max_per_role: int = Field(10_000, ge=1, le=10_000_000)
 
 
 class Settings(BaseSettings):
@@ -267,6 +277,8 @@ class Settings(BaseSettings):
     tools: ToolsSettings = ToolsSettings()
     worker: WorkerSettings = WorkerSettings()
     limits: LimitsSettings = LimitsSettings()
+    # One word, as every section: the environment splits SWARM_<SECTION>_<FIELD> once.
+    deadletters: DeadLetterSettings = DeadLetterSettings()
 
     @field_validator("roles")
     @classmethod

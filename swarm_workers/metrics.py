@@ -78,6 +78,12 @@ BUCKET_WAIT = Histogram(
     buckets=(0, 0.01, 0.1, 0.5, 1, 5, 15, 60, 300),
     registry=REGISTRY,
 )
+DEAD_LETTERS = Counter(
+    "swarm_dead_letters",
+    "Tasks that failed for good and were kept as dead letters (`swarm dead list`).",
+    ["role", "error"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "swarm_queue_depth",
     "Messages waiting in a queue (exporter only).",
