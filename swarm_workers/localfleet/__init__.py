@@ -1,0 +1,70 @@
+"""One harness for every local fleet: the demo, the benchmarks and the test fixtures.
+
+- `environment`: the explicit environment a child starts with (an allowlist, never
+  the caller's `SWARM_*` or `REDIS_URL`).
+- `process`: `ManagedProcess` / `ProcessGroup`: spawn, wait until ready, stop
+  (SIGTERM, then SIGKILL after a grace), newest first.
+- `services`: Redis, the fake provider, fake MCP servers and `swarm worker`, each a
+  handle that can probe and stop its process.
+- `fleet`: `FleetSpec` -> `LocalFleet`, a whole fleet with its swarm.toml.
+- `toml`: writes that swarm.toml.
+"""
+
+from swarm_workers.localfleet.environment import ALLOWED_VARIABLES, child_env, is_fleet_variable
+from swarm_workers.localfleet.fleet import (
+    FakeLLMSpec,
+    FleetSpec,
+    LocalFleet,
+    McpServerSpec,
+    file_settings,
+)
+from swarm_workers.localfleet.process import (
+    ManagedProcess,
+    ProcessExited,
+    ProcessGroup,
+    free_port,
+    wait_until,
+)
+from swarm_workers.localfleet.services import (
+    FakeProvider,
+    McpHttpServer,
+    RedisServer,
+    Worker,
+    WorkerSpec,
+    find_redis_server,
+    redis_server_argv,
+    start_fake_llm,
+    start_mcp_http,
+    start_redis,
+    start_worker,
+)
+from swarm_workers.localfleet.toml import dumps_toml, write_toml
+
+__all__ = [
+    "ALLOWED_VARIABLES",
+    "FakeLLMSpec",
+    "FakeProvider",
+    "FleetSpec",
+    "LocalFleet",
+    "ManagedProcess",
+    "McpHttpServer",
+    "McpServerSpec",
+    "ProcessExited",
+    "ProcessGroup",
+    "RedisServer",
+    "Worker",
+    "WorkerSpec",
+    "child_env",
+    "dumps_toml",
+    "file_settings",
+    "find_redis_server",
+    "free_port",
+    "is_fleet_variable",
+    "redis_server_argv",
+    "start_fake_llm",
+    "start_mcp_http",
+    "start_redis",
+    "start_worker",
+    "wait_until",
+    "write_toml",
+]
