@@ -98,7 +98,7 @@ def test_a_process_that_dies_before_it_is_ready_says_why(tmp_path: Path) -> None
         env=child_env(),
         log=tmp_path / "doomed.log",
     ).start()
-    with pytest.raises(RuntimeError, match="(?s)doomed exited with 3.*no config here"):
+    with pytest.raises(RuntimeError, match=r"(?s)doomed exited with 3.*no config here"):
         proc.wait_ready(lambda: False, 20)
 
 

@@ -10,7 +10,12 @@
 - `toml`: writes that swarm.toml.
 """
 
-from swarm_workers.localfleet.environment import ALLOWED_VARIABLES, child_env, is_fleet_variable
+from swarm_workers.localfleet.environment import (
+    ALLOWED_VARIABLES,
+    TAG_VARIABLE,
+    child_env,
+    is_fleet_variable,
+)
 from swarm_workers.localfleet.fleet import (
     FakeLLMSpec,
     FleetSpec,
@@ -42,6 +47,7 @@ from swarm_workers.localfleet.toml import dumps_toml, write_toml
 
 __all__ = [
     "ALLOWED_VARIABLES",
+    "TAG_VARIABLE",
     "FakeLLMSpec",
     "FakeProvider",
     "FleetSpec",
