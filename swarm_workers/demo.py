@@ -123,8 +123,7 @@ def _run(
     console.print(f"[bold]MCP[/bold]    demo server '{MCP_SERVER}' at {fleet.mcp[MCP_SERVER].url}")
     console.print(f"[bold]Apart[/bold]  {report.isolation}")
     with console.status(f"starting one worker per role: {', '.join(ROLES)}..."):
-        for worker in fleet.spec.workers:
-            fleet.add_worker(worker)
+        fleet.add_workers(fleet.spec.workers)
     settings = fleet.settings()  # what the workers read; this shell's REDIS_URL cannot redirect it
     with SwarmClient(settings=settings) as client, _LiveView(settings) as view:
         dag = client.submit_dag(_sample_dag(fast=fast, fake=not real_llm))

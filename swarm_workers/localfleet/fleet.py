@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -121,8 +121,7 @@ class LocalFleet:
         """Start the services, write swarm.toml, start the workers; all stopped on error."""
         try:
             self.start_services()
-            for spec in self.spec.workers:
-                self.add_worker(spec)
+            self.add_workers(self.spec.workers)
         except BaseException:
             self.stop()
             raise
@@ -156,18 +155,27 @@ class LocalFleet:
 
     def add_worker(self, spec: WorkerSpec | None = None) -> Worker:
         """Start one more worker on this fleet's swarm.toml and wait until it is ready."""
-        worker = start_worker(
-            self.group,
-            spec or WorkerSpec(),
-            name=f"worker-{len(self.workers)}",
-            workdir=self.workdir,
-            redis_url=self.redis_url,
-            config=self.config_path,
-            env=self.spec.env,
-            ready_timeout=self.spec.worker_ready_timeout_s,
-        )
-        self.workers.append(worker)
-        return worker
+        return self.add_workers([spec or WorkerSpec()])[0]
+
+    def add_workers(self, specs: Iterable[WorkerSpec]) -> list[Worker]:
+        """Start several workers at once (they boot in parallel), then wait for each."""
+        started = [
+            start_worker(
+                self.group,
+                spec,
+                name=f"worker-{len(self.workers) + i}",
+                workdir=self.workdir,
+                redis_url=self.redis_url,
+                config=self.config_path,
+                env=self.spec.env,
+                ready_timeout=None,
+            )
+            for i, spec in enumerate(specs)
+        ]
+        self.workers += started
+        for worker in started:
+            worker.wait_ready(self.spec.worker_ready_timeout_s)
+        return started
 
     def settings(self) -> Settings:
         """The settings the workers read, for a producer in this process."""

@@ -301,6 +301,8 @@ class Worker:
     hostname: str
     heartbeat: Path
     process: ManagedProcess
+    # Celery says "ready." only at INFO and below; the heartbeat is the real signal.
+    says_ready: bool = True
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
@@ -312,6 +314,14 @@ class Worker:
 
     def output(self) -> str:
         return self.process.output()
+
+    def ready(self) -> bool:
+        return self.heartbeat.exists() and (not self.says_ready or "ready." in self.output())
+
+    def wait_ready(self, timeout: float = 30.0) -> Worker:
+        """Wait for the first heartbeat; stop the worker if it never comes."""
+        _started(self.process, self.ready, timeout, f"worker {self.hostname} to report ready")
+        return self
 
     def signal(self, sig: int) -> None:
         self.process.signal(sig)
@@ -332,9 +342,10 @@ def start_worker(
     redis_url: str | None = None,
     config: Path | None = None,
     env: Mapping[str, str] | None = None,
-    ready_timeout: float = 30.0,
+    ready_timeout: float | None = 30.0,
 ) -> Worker:
-    """Start a worker reading `config` (and `redis_url`); wait for its first heartbeat.
+    """Start a worker reading `config` (and `redis_url`); wait for its first heartbeat
+    (`ready_timeout` None: return at once, call `Worker.wait_ready` later).
 
     Its environment holds only what is given here: `env` (the fleet's), then `spec.env`.
     """
@@ -349,12 +360,5 @@ def start_worker(
     if config is not None:
         own["SWARM_CONFIG"] = str(config)
     process = group.spawn(name, spec.argv(hostname), env={**own, **(env or {}), **spec.env})
-    worker = Worker(hostname, heartbeat, process)
-    # Celery says "ready." only at INFO and below; the heartbeat is the real signal.
-    says_ready = spec.loglevel.upper() in ("DEBUG", "INFO")
-
-    def ready() -> bool:
-        return heartbeat.exists() and (not says_ready or "ready." in worker.output())
-
-    _started(process, ready, ready_timeout, f"worker {hostname} to report ready")
-    return worker
+    worker = Worker(hostname, heartbeat, process, spec.loglevel.upper() in ("DEBUG", "INFO"))
+    return worker if ready_timeout is None else worker.wait_ready(ready_timeout)
