@@ -4,8 +4,9 @@
   the caller's `SWARM_*` or `REDIS_URL`).
 - `process`: `ManagedProcess` / `ProcessGroup`: spawn, wait until ready, stop
   (SIGTERM, then SIGKILL after a grace), newest first.
-- `services`: Redis, the fake provider, fake MCP servers and `swarm worker`, each a
-  handle that can probe and stop its process.
+- `services`: Redis, the fake provider and fake MCP servers, each a handle that can
+  probe and stop its process.
+- `workers`: `WorkerSpec` -> a `swarm worker` process, ready once it heartbeats.
 - `fleet`: `FleetSpec` -> `LocalFleet`, a whole fleet with its swarm.toml.
 - `toml`: writes that swarm.toml.
 """
@@ -34,16 +35,14 @@ from swarm_workers.localfleet.services import (
     FakeProvider,
     McpHttpServer,
     RedisServer,
-    Worker,
-    WorkerSpec,
     find_redis_server,
     redis_server_argv,
     start_fake_llm,
     start_mcp_http,
     start_redis,
-    start_worker,
 )
 from swarm_workers.localfleet.toml import dumps_toml, write_toml
+from swarm_workers.localfleet.workers import Worker, WorkerSpec, start_worker
 
 __all__ = [
     "ALLOWED_VARIABLES",

@@ -29,14 +29,12 @@ from swarm_workers.localfleet.services import (
     FakeProvider,
     McpHttpServer,
     RedisServer,
-    Worker,
-    WorkerSpec,
     start_fake_llm,
     start_mcp_http,
     start_redis,
-    start_worker,
 )
 from swarm_workers.localfleet.toml import write_toml
+from swarm_workers.localfleet.workers import Worker, WorkerSpec, start_worker
 
 __all__ = ["FakeLLMSpec", "FleetSpec", "LocalFleet", "McpServerSpec", "file_settings"]
 

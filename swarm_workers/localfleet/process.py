@@ -138,7 +138,10 @@ class ManagedProcess:
     def wait_ready(
         self, predicate: Callable[[], bool], timeout: float, what: str | None = None
     ) -> None:
-        """Poll `predicate`; ProcessExited at once if the process dies meanwhile."""
+        """Poll `predicate`; ProcessExited at once if the process dies meanwhile.
+
+        A process that is not ready in time is stopped: a failed start leaves nothing.
+        """
 
         def ready() -> bool:
             if not self.alive:
@@ -146,7 +149,11 @@ class ManagedProcess:
                 raise ProcessExited(self.name, code, self.output()[-3000:])
             return predicate()
 
-        wait_until(ready, timeout, what or self.name)
+        try:
+            wait_until(ready, timeout, what or self.name)
+        except BaseException:
+            self.stop(grace=5)
+            raise
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The fleet's parts as processes: Redis, the fake provider, fake MCP servers, workers.
+"""The fleet's services as processes: Redis, the fake provider, fake MCP servers.
 
 Each `start_*` spawns one process in a `ProcessGroup`, waits until it answers, and
 returns a handle that can probe and stop it. If it never answers, it is stopped and
@@ -14,8 +14,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +29,15 @@ __all__ = [
     "FakeProvider",
     "McpHttpServer",
     "RedisServer",
-    "Worker",
-    "WorkerSpec",
     "find_redis_server",
     "redis_server_argv",
     "start_fake_llm",
     "start_mcp_http",
     "start_redis",
-    "start_worker",
 ]
 
 LLM_MODULE = "swarm_workers.fakes.llm_server"
 MCP_MODULE = "swarm_workers.fakes.mcp_server"
-
-
-def _started(process: ManagedProcess, probe: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait until `probe()` answers; stop the process if it never does."""
-    try:
-        process.wait_ready(probe, timeout, what)
-    except BaseException:
-        process.stop(grace=5)
-        raise
 
 
 def _http_ok(url: str) -> bool:
@@ -116,7 +104,7 @@ class RedisServer:
         if self.process is None:
             raise RuntimeError(f"cannot restart an external Redis ({self.url})")
         self.process.start()
-        _started(self.process, self.ping, 15, f"redis-server on port {self.port}")
+        self.process.wait_ready(self.ping, 15, f"redis-server on port {self.port}")
 
 
 def start_redis(
@@ -138,7 +126,7 @@ def start_redis(
     argv = [*redis_server_argv(binary, port, workdir), *extra_args]
     server = RedisServer(f"redis://127.0.0.1:{port}/0", port, group.spawn("redis", argv))
     assert server.process is not None
-    _started(server.process, server.ping, 15, f"redis-server on port {port}")
+    server.process.wait_ready(server.ping, 15, f"redis-server on port {port}")
     return server
 
 
@@ -195,7 +183,7 @@ def start_fake_llm(group: ProcessGroup, *flags: str, port: int | None = None) ->
     argv = [sys.executable, "-m", LLM_MODULE, "--port", str(port), *flags]
     fake = FakeProvider(port, group.spawn("fake-llm", argv))
     # The admin endpoint needs no key, so a provider started with --api-key answers too.
-    _started(fake.process, lambda: _http_ok(f"{fake.root}/_fake/stats"), 20, "the fake provider")
+    fake.process.wait_ready(lambda: _http_ok(f"{fake.root}/_fake/stats"), 20, "the fake provider")
     return fake
 
 
@@ -246,7 +234,7 @@ class McpHttpServer:
 
     def _wait(self) -> None:
         probe = f"{self.base}/_fake/stats"
-        _started(self.process, lambda: _http_ok(probe), 20, f"fake MCP server {self.name}")
+        self.process.wait_ready(lambda: _http_ok(probe), 20, f"fake MCP server {self.name}")
 
 
 def start_mcp_http(
@@ -262,103 +250,3 @@ def start_mcp_http(
     server = McpHttpServer(name, port, group.spawn(f"mcp-{name}", argv, env=env))
     server._wait()
     return server
-
-
-# --------------------------------------------------------------------------- workers
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """One `swarm worker` process.
-
-    >>> WorkerSpec(roles=("research",), priorities="p0", concurrency=2).argv("w1@test")[3:7]
-    ['worker', '--priorities', 'p0', '--hostname']
-    """
-
-    roles: tuple[str, ...] = ("default",)
-    priorities: str = "p0,p1,p2"
-    concurrency: int | None = 4
-    hostname: str | None = None
-    loglevel: str = "INFO"
-    heartbeat_interval_s: float | None = 0.5
-    env: Mapping[str, str] = field(default_factory=dict)
-
-    def argv(self, hostname: str) -> list[str]:
-        argv = [sys.executable, "-m", "swarm_workers.cli", "worker"]
-        argv += ["--priorities", self.priorities, "--hostname", hostname]
-        argv += ["--loglevel", self.loglevel]
-        if self.concurrency is not None:
-            argv += ["--concurrency", str(self.concurrency)]
-        for role in self.roles:
-            argv += ["--role", role]
-        return argv
-
-
-@dataclass
-class Worker:
-    """A running `swarm worker`: its Celery node name, heartbeat file and log."""
-
-    hostname: str
-    heartbeat: Path
-    process: ManagedProcess
-    # Celery says "ready." only at INFO and below; the heartbeat is the real signal.
-    says_ready: bool = True
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        return self.process.proc
-
-    @property
-    def log(self) -> Path | None:
-        return self.process.log
-
-    def output(self) -> str:
-        return self.process.output()
-
-    def ready(self) -> bool:
-        return self.heartbeat.exists() and (not self.says_ready or "ready." in self.output())
-
-    def wait_ready(self, timeout: float = 30.0) -> Worker:
-        """Wait for the first heartbeat; stop the worker if it never comes."""
-        _started(self.process, self.ready, timeout, f"worker {self.hostname} to report ready")
-        return self
-
-    def signal(self, sig: int) -> None:
-        self.process.signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        self.process.stop()
-
-
-def start_worker(
-    group: ProcessGroup,
-    spec: WorkerSpec,
-    *,
-    name: str,
-    workdir: Path,
-    redis_url: str | None = None,
-    config: Path | None = None,
-    env: Mapping[str, str] | None = None,
-    ready_timeout: float | None = 30.0,
-) -> Worker:
-    """Start a worker reading `config` (and `redis_url`); wait for its first heartbeat
-    (`ready_timeout` None: return at once, call `Worker.wait_ready` later).
-
-    Its environment holds only what is given here: `env` (the fleet's), then `spec.env`.
-    """
-    hostname = spec.hostname or f"{name}@localfleet"
-    heartbeat = workdir / f"{name}.heartbeat"
-    heartbeat.unlink(missing_ok=True)
-    own: dict[str, str] = {"SWARM_WORKER_HEARTBEAT_FILE": str(heartbeat)}
-    if spec.heartbeat_interval_s is not None:
-        own["SWARM_WORKER_HEARTBEAT_INTERVAL_S"] = str(spec.heartbeat_interval_s)
-    if redis_url is not None:
-        own["REDIS_URL"] = redis_url
-    if config is not None:
-        own["SWARM_CONFIG"] = str(config)
-    process = group.spawn(name, spec.argv(hostname), env={**own, **(env or {}), **spec.env})
-    worker = Worker(hostname, heartbeat, process, spec.loglevel.upper() in ("DEBUG", "INFO"))
-    return worker if ready_timeout is None else worker.wait_ready(ready_timeout)
