@@ -351,26 +351,36 @@ def fake_llm(
 @app.command()
 def demo(
     fast: Annotated[bool, typer.Option("--fast", help="A smaller sample DAG.")] = False,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="Use this Redis database instead of a private redis-server; it must be empty.",
+            show_default=False,
+        ),
+    ] = None,
     own_redis: Annotated[
         bool,
-        typer.Option(
-            "--own-redis", help="Always start a private redis-server, even if one answers."
-        ),
+        typer.Option("--own-redis", hidden=True, help="The default now; kept for old scripts."),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
 ) -> None:
     """Run a whole swarm on this machine: Redis, fake LLM, MCP server, workers, a DAG.
 
-    Needs no Redis, API key or config. With SWARM_LLM_BASE_URL/SWARM_LLM_API_KEY set it
-    uses that endpoint instead of the fake provider. Every process it starts is stopped.
+    Needs no Redis, API key or config, and stays apart from any real fleet: it starts
+    its own redis-server (keys prefixed 'swarm-demo') and ignores REDIS_URL and
+    SWARM_* in the shell. With SWARM_LLM_BASE_URL/SWARM_LLM_API_KEY set it uses that
+    endpoint instead of the fake provider. Every process it starts is stopped.
     """
     import dataclasses
 
     from swarm_workers.demo import run_demo
 
+    if own_redis and redis_url:
+        raise typer.BadParameter("--own-redis and --redis-url exclude each other")
     out = Console(stderr=as_json)
-    report = run_demo(fast=fast, own_redis=own_redis, console=out, timeout_s=timeout)
+    report = run_demo(fast=fast, console=out, timeout_s=timeout, redis_url=redis_url)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(report) | {"ok": report.ok}, indent=2))
     raise typer.Exit(0 if report.ok else 1)

@@ -1,9 +1,10 @@
 """One validated settings object for the whole fleet.
 
-Sources, strongest first: environment (`SWARM_<SECTION>_<FIELD>`, e.g.
-`SWARM_LLM_BASE_URL`, plus `REDIS_URL`), then `swarm.toml` (path from `--config` or
-`SWARM_CONFIG`), then defaults. Defaults work with no file at all: one role,
-`default`, and a Redis on localhost.
+Sources, strongest first: what the caller passes in code (`load_settings(...,
+redis_url=...)`, `SwarmClient("redis://...")`), then the environment
+(`SWARM_<SECTION>_<FIELD>`, e.g. `SWARM_LLM_BASE_URL`, plus `REDIS_URL`), then
+`swarm.toml` (path from `--config` or `SWARM_CONFIG`), then defaults. Defaults work
+with no file at all: one role, `default`, and a Redis on localhost.
 
 >>> settings = load_settings(None)
 >>> settings.role("default").budget_for(Priority.P0)
@@ -54,6 +55,7 @@ __all__ = [
     "Settings",
     "ToolsSettings",
     "WorkerSettings",
+    "given_settings",
     "load_settings",
 ]
 
@@ -297,6 +299,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's contents arrive as init kwargs; the environment overrides them.
+        # (`load_settings` then lays the caller's own overrides over both.)
         return (env_settings, init_settings)
 
     def role(self, name: str) -> RoleSettings:
@@ -338,9 +341,12 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
         data["config_path"] = file
-    data.update(overrides)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
+        if not overrides:
+            return settings
+        # Validated again from exactly these values: what the caller passed in code wins.
+        return given_settings(_merged(settings.model_dump(), overrides))
     except SettingsError as exc:  # e.g. SWARM_ROLES holding JSON that does not parse
         raise ConfigError(f"environment: {exc}") from exc
     except ValidationError as exc:
@@ -353,6 +359,38 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             key=key,
             line=_line_of(text, [str(part) for part in first["loc"]]) if text else None,
         ) from exc
+
+
+class _GivenSettings(Settings):
+    """Settings from exactly what they are given: no environment, no file."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def given_settings(data: dict[str, Any]) -> Settings:
+    """Settings from these values alone, validated: for values another process already
+    resolved (an isolated run's parent), or laid over the environment by code."""
+    return _GivenSettings(**data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`, sections merged key by key rather than replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _line_of(text: str, loc: list[str]) -> int | None:

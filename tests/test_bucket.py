@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from redis.crc import key_slot
 from swarm_workers.config import ModelLimit, RateLimitSettings, load_settings
 from swarm_workers.deadline import Deadline
 from swarm_workers.errors import ConfigError, RateLimited, TimeLimitExceeded
+from swarm_workers.localfleet import ProcessGroup, start_redis
 from swarm_workers.models import Priority
 from swarm_workers.ratelimit import (
     Bucket,
@@ -432,20 +432,15 @@ def test_the_script_runs_on_fakeredis() -> None:
 def cluster(tmp_path: Path) -> Iterator[tuple[RedisCluster, redis.Redis]]:
     """A one-node Redis Cluster: it refuses scripts whose keys span hash slots."""
     port = _cluster_port()
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    proc = subprocess.Popen(
-        [
-            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"),
-            *("--cluster-config-file", str(tmp_path / "nodes.conf"), "--save", ""),
-            *("--appendonly", "no", "--dir", str(tmp_path)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
+    cluster_args = (
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        str(tmp_path / "nodes.conf"),
     )
-    try:
+    with ProcessGroup() as group:
+        start_redis(group, tmp_path, port=port, extra_args=cluster_args)
         node = redis.Redis(port=port)
-        wait_until(lambda: _answers(node), 30, "the cluster node")
         node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         wait_until(
             lambda: b"cluster_state:ok" in node.execute_command("CLUSTER", "INFO"),
@@ -456,9 +451,6 @@ def cluster(tmp_path: Path) -> Iterator[tuple[RedisCluster, redis.Redis]]:
         yield client, node
         client.close()
         node.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _cluster_port() -> int:
@@ -472,13 +464,6 @@ def _cluster_port() -> int:
                 except OSError:
                     continue
             return port
-
-
-def _answers(node: redis.Redis) -> bool:
-    try:
-        return bool(node.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def test_one_call_stays_in_one_hash_slot_on_redis_cluster(

@@ -34,10 +34,11 @@ import yaml
 
 from swarm_workers.cli import app as cli_app
 from swarm_workers.config import Settings, load_settings
+from swarm_workers.localfleet import ProcessGroup
 from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, queue_name
 
-from .conftest import RedisServer, WorkerFactory, free_port, spawn_redis, wait_until
+from .conftest import RedisServer, WorkerFactory, spawn_redis, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -1029,12 +1030,8 @@ def test_deploy_docs_cover_scaling_and_redis_choices() -> None:
 @pytest.fixture
 def probe_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis of this test's own: the test kills it."""
-    port = free_port()
-    server = RedisServer(
-        url=f"redis://127.0.0.1:{port}/0", port=port, proc=spawn_redis(port, tmp_path), dir=tmp_path
-    )
-    yield server
-    server.stop()
+    with ProcessGroup() as group:
+        yield spawn_redis(group, tmp_path)
 
 
 def test_healthcheck_follows_the_worker_heartbeat(probe_redis: RedisServer, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from swarm_workers.errors import (
     ToolUnavailable,
     UnknownTool,
 )
-from swarm_workers.processes import wait_until
+from swarm_workers.localfleet import wait_until
 from swarm_workers.tools.base import Toolset
 from swarm_workers.tools.config_watch import config_file_servers
 from swarm_workers.tools.listing import openai_name

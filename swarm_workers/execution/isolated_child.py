@@ -13,7 +13,7 @@ import os
 import sys
 
 from swarm_workers.agent.loop import run_agent
-from swarm_workers.config import Settings
+from swarm_workers.config import given_settings
 from swarm_workers.deadline import Deadline
 from swarm_workers.execution.failpoints import check_failpoints
 from swarm_workers.execution.isolation import OUTCOME_JSON
@@ -23,7 +23,7 @@ from swarm_workers.models import AgentTask
 
 def main() -> None:
     request = json.loads(sys.stdin.buffer.read())
-    settings = Settings.model_validate(request["settings"])
+    settings = given_settings(request["settings"])
     task = AgentTask.from_wire(request["task"])
     deadline = Deadline.start(request["remaining_s"])
     runtime = Runtime.build(settings, request["worker"])
