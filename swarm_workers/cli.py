@@ -92,6 +92,14 @@ def submit(
     budget: Annotated[int | None, typer.Option(help="Output-token budget for the task.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 300.0,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            help="Idempotency key: a submit with a key used in the last 24 h enqueues "
+            "nothing and prints the first task's id.",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Enqueue one agent task and print its id (or, with --wait, its result as JSON)."""
@@ -100,7 +108,9 @@ def submit(
     text = sys.stdin.read() if prompt == "-" else prompt
     try:
         with SwarmClient(settings=_settings(config)) as client:
-            handle = client.submit(text, role=role, priority=priority, budget=budget)
+            handle = client.submit(
+                text, role=role, priority=priority, budget=budget, idempotency_key=key
+            )
             if not wait:
                 typer.echo(handle.id)
                 return
@@ -155,6 +165,12 @@ def status(
     )
     for model, levels in snapshot.buckets.items():
         out.print(f"bucket {model}: " + ", ".join(f"{k} {v:.0%} full" for k, v in levels.items()))
+    dead = {role: n for role, n in snapshot.dead_letters.items() if n}
+    out.print(
+        "dead letters: "
+        + (", ".join(f"{role} {n}" for role, n in dead.items()) if dead else "none")
+        + (" (swarm dead list)" if dead else "")
+    )
     for server, state in snapshot.breakers.items():
         age = snapshot.registry_age_s.get(server)
         out.print(
@@ -193,6 +209,179 @@ def purge(
     pipe.delete(queue)
     removed, _ = pipe.execute()
     typer.echo(f"deleted {removed} tasks from {queue}")
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[str | None, typer.Argument(help="The task to cancel.")] = None,
+    dag: Annotated[str | None, typer.Option("--dag", help="Cancel every node of a DAG.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Cancel a task (queued: it never runs; running: it stops at its next step) or a
+    whole DAG. Exits 1 when there was nothing to cancel (unknown or finished)."""
+    from swarm_workers.client import SwarmClient
+
+    if (task_id is None) == (dag is None):
+        raise typer.BadParameter("give a task id, or --dag ID")
+    with SwarmClient(settings=_settings(config)) as client:
+        if dag is not None:
+            try:
+                reports = client.dag(dag).cancel()
+            except SwarmError as exc:
+                console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+                raise typer.Exit(2) from None
+            for node, report in reports.items():
+                typer.echo(f"{node}: {report.message}")
+            if not reports:
+                typer.echo("every node had finished: nothing to cancel")
+                raise typer.Exit(1)
+            return
+        assert task_id is not None
+        report = client.cancel(task_id)
+    typer.echo(f"{task_id}: {report.message}")
+    if report.outcome in ("unknown", "finished"):
+        raise typer.Exit(1)
+
+
+dead = typer.Typer(
+    help="Tasks that failed for good: list, show, replay, purge.", no_args_is_help=True
+)
+app.add_typer(dead, name="dead")
+
+RoleFilter = Annotated[str | None, typer.Option("--role", "-r", help="Only this role.")]
+ErrorFilter = Annotated[
+    str | None, typer.Option("--error", "-e", help="Only this error type, e.g. TooManyAttempts.")
+]
+
+
+def _age(text: str | None) -> float | None:
+    """`90s`, `15m`, `1h`, `2d` -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise typer.BadParameter(f"{text!r}: use e.g. 90s, 15m, 1h or 2d") from None
+
+
+@dead.command("list")
+def dead_list(
+    role: RoleFilter = None,
+    since: Annotated[str | None, typer.Option(help="Only newer than this: 1h, 2d ...")] = None,
+    error: ErrorFilter = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Dead letters, newest first."""
+    from datetime import timedelta
+
+    from swarm_workers.client import SwarmClient
+
+    age = _age(since)
+    with SwarmClient(settings=_settings(config)) as client:
+        try:
+            letters = client.dead_letters(
+                role=role, since=timedelta(seconds=age) if age else None, error=error
+            )
+        except SwarmError as exc:
+            console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+            raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps([letter.model_dump(mode="json") for letter in letters], indent=2))
+        return
+    table = Table(title=f"{len(letters)} dead letter(s)")
+    for column in ("task", "role", "priority", "error", "runs", "died"):
+        table.add_column(column)
+    for letter in letters:
+        table.add_row(
+            letter.task.id,
+            letter.task.role,
+            letter.task.priority.value,
+            f"{letter.error.type}: {letter.error.message[:60]}",
+            str(len(letter.attempts)),
+            letter.died_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    Console().print(table)
+
+
+@dead.command("show")
+def dead_show(
+    task_id: Annotated[str, typer.Argument(help="A dead letter's task id.")],
+    config: ConfigOption = None,
+) -> None:
+    """One dead letter as JSON: the task as it ran, and every run's error."""
+    from swarm_workers.client import SwarmClient
+
+    with SwarmClient(settings=_settings(config)) as client:
+        letter = client.dead_letter(task_id)
+    if letter is None:
+        console.print(f"no dead letter {task_id} (replayed, purged, or never failed for good)")
+        raise typer.Exit(1)
+    typer.echo(letter.model_dump_json(indent=2))
+
+
+@dead.command("replay")
+def dead_replay(
+    task_ids: Annotated[list[str] | None, typer.Argument(help="Dead letters to replay.")] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Replay every dead letter the filters select.")
+    ] = False,
+    role: RoleFilter = None,
+    error: ErrorFilter = None,
+    config: ConfigOption = None,
+) -> None:
+    """Submit dead letters again as new tasks (metadata `replay_of` names the old id).
+    A letter is replayed once: replaying it again finds nothing."""
+    from swarm_workers.client import SwarmClient
+
+    with SwarmClient(settings=_settings(config)) as client:
+        try:
+            done = client.replay(task_ids or (), everything=everything, role=role, error=error)
+        except SwarmError as exc:
+            console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+            raise typer.Exit(2) from None
+    for replayed in done:
+        if replayed.task_id is None:
+            typer.echo(f"{replayed.replay_of}: not found (replayed or purged already?)")
+        else:
+            typer.echo(f"{replayed.replay_of}: replayed as {replayed.task_id}")
+    if any(r.task_id is None for r in done):
+        raise typer.Exit(1)
+
+
+@dead.command("purge")
+def dead_purge(
+    task_ids: Annotated[list[str] | None, typer.Argument(help="Dead letters to drop.")] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Drop every dead letter the filters select.")
+    ] = False,
+    role: RoleFilter = None,
+    error: ErrorFilter = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Drop dead letters for good (asks first)."""
+    from swarm_workers.client import SwarmClient
+
+    with SwarmClient(settings=_settings(config)) as client:
+        try:
+            chosen = (
+                list(task_ids)
+                if task_ids
+                else [letter.task.id for letter in client.dead_letters(role=role, error=error)]
+                if everything
+                else []
+            )
+            if not chosen:
+                raise typer.BadParameter("name dead letters by id, or give --all")
+            if not yes and not typer.confirm(f"Drop {len(chosen)} dead letter(s) for good?"):
+                raise typer.Exit(1)
+            dropped = client.purge_dead(chosen)
+        except SwarmError as exc:
+            console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+            raise typer.Exit(2) from None
+    typer.echo(f"dropped {dropped} dead letter(s)")
 
 
 @app.command()

@@ -161,7 +161,7 @@ class DagHandle:
         for node, spec in self.record.nodes.items():  # topological: deps come first
             result = self._recorded.get(spec.task_id)
             stop = blocked([(dep, outcomes[dep]) for dep in spec.deps])
-            if result is not None and (result.ok or stop is None):
+            if result is not None and (result.ok or result.was_cancelled or stop is None):
                 outcome = Outcome.of_result(node, result, spec.on_failure)
             elif stop is not None:
                 outcome = stop
