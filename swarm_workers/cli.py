@@ -72,7 +72,7 @@ def worker(
         # The tool registry re-reads the file named here to pick up new MCP servers.
         os.environ["SWARM_CONFIG"] = str(config)
     try:
-        run_worker(
+        code = run_worker(
             settings,
             role,
             _priorities(priorities),
@@ -83,6 +83,7 @@ def worker(
     except SwarmError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -201,19 +202,32 @@ def purge(
 @app.command()
 def healthcheck(
     max_age: Annotated[float, typer.Option(help="Fail if the heartbeat is older (s).")] = 60.0,
-    config: ConfigOption = None,
+    file: Annotated[
+        Path,
+        typer.Option(
+            "--file",
+            envvar="SWARM_WORKER_HEARTBEAT_FILE",
+            help="The worker's heartbeat file (worker.heartbeat_file).",
+        ),
+    ] = Path("/tmp/swarm-worker.heartbeat"),
+    ready: Annotated[
+        bool, typer.Option("--ready", help="Readiness: the broker answered recently too.")
+    ] = False,
 ) -> None:
-    """Liveness probe: exit 0 if this machine's worker polled the broker recently."""
-    from swarm_workers.health import heartbeat_age
+    """Liveness probe: exit 0 if this machine's worker loop is alive (readiness with
+    --ready: and its broker answers). Reads file ages only, never the config: a bad
+    config edit must not fail the probe of every running worker."""
+    from swarm_workers.health import broker_file, file_age
 
-    path = _settings(config).worker.heartbeat_file
-    age = heartbeat_age(path)
-    if age is None or age > max_age:
-        console.print(
-            f"unhealthy: heartbeat {path} " + ("missing" if age is None else f"{age:.0f}s old")
-        )
-        raise typer.Exit(1)
-    typer.echo(f"ok: heartbeat {age:.1f}s old")
+    checks = [("heartbeat", file)] + ([("broker", broker_file(file))] if ready else [])
+    for what, path in checks:
+        age = file_age(path)
+        if age is None or age > max_age:
+            console.print(
+                f"unhealthy: {what} {path} " + ("missing" if age is None else f"{age:.0f}s old")
+            )
+            raise typer.Exit(1)
+    typer.echo(f"ok: heartbeat {file_age(file) or 0.0:.1f}s old")
 
 
 @app.command()
