@@ -261,7 +261,8 @@ def flower(
     port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5555,
     config: ConfigOption = None,
 ) -> None:
-    """Start Flower on the fleet's broker. Basic auth from FLOWER_BASIC_AUTH=user:pass.
+    """Start Flower on the fleet's broker. Basic auth from FLOWER_BASIC_AUTH=user:pass
+    (read by Flower from the environment).
 
     Task arguments show as a redacted summary (role, priority, id, prompt length):
     producers set Celery's argsrepr, never the prompt. Extra options go to Flower.
@@ -270,10 +271,9 @@ def flower(
     from swarm_workers.celery_app import create_app
 
     settings = _settings(config)
-    argv = ["flower", f"--port={port}", *ctx.args]
-    if os.environ.get("FLOWER_BASIC_AUTH"):
-        argv.append(f"--basic-auth={os.environ['FLOWER_BASIC_AUTH']}")
-    create_app(settings).start(argv=argv)
+    # Flower reads FLOWER_* variables itself (FLOWER_BASIC_AUTH, FLOWER_OAUTH2_SECRET,
+    # ...): credentials stay in the environment, never on an argv that `ps` shows.
+    create_app(settings).start(argv=["flower", f"--port={port}", *ctx.args])
 
 
 @app.command()

@@ -32,7 +32,15 @@ from swarm_workers.health import Liveness, broker_file
 from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, worker_queues
 
-__all__ = ["Heartbeat", "MetricsEndpoint", "ProcessRuntime", "run_worker", "worker_argv"]
+__all__ = [
+    "DRAIN_MARGIN_S",
+    "Heartbeat",
+    "MetricsEndpoint",
+    "ProcessRuntime",
+    "run_worker",
+    "termination_grace_s",
+    "worker_argv",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,18 @@ RECONNECT_GRACE_S = 60.0
 # The loop may miss this many timer ticks (5 s each by default: 30 s) before it counts
 # as stuck.
 LOOP_STALL_TICKS = 6
+
+
+# After SIGTERM a task may still run its whole deadline (task_time_limit_s bounds every
+# wait it does), then it records its result and acks, and the process closes its
+# clients. The margin covers that tail, with Redis retries on the way.
+DRAIN_MARGIN_S = 120
+
+
+def termination_grace_s(settings: Settings) -> int:
+    """The grace a worker needs on SIGTERM to finish every running task: what
+    `terminationGracePeriodSeconds` and compose's `stop_grace_period` are set to."""
+    return settings.worker.task_time_limit_s + DRAIN_MARGIN_S
 
 
 class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
