@@ -689,7 +689,8 @@ def replicas_asked(scaled: dict[str, Any], load: int) -> int:
     """What the HPA behind `scaled` asks for at this load: ceil(load / target), clamped."""
     _, _, _, target = scaled_load(scaled)
     spec = scaled["spec"]
-    return min(spec["maxReplicaCount"], max(spec["minReplicaCount"], math.ceil(load / target)))
+    low, high = int(spec["minReplicaCount"]), int(spec["maxReplicaCount"])
+    return min(high, max(low, math.ceil(load / target)))
 
 
 @pytest.mark.parametrize("variant", ["example", "variant"])
