@@ -30,6 +30,15 @@ from .conftest import (
 )
 from .test_deploy import K8S, render, replicas_asked, scaled_load
 
+
+@pytest.fixture(autouse=True)
+def _no_shell_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SWARM_* or REDIS_URL from the developer's shell would override these tests' own."""
+    for name in list(os.environ):
+        if name.startswith("SWARM_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+
+
 RUNNING = 4  # the worker's threads: that many tasks hold a slot each
 
 

@@ -26,6 +26,15 @@ from swarm_workers.health import Liveness, broker_file
 
 from .conftest import ROOT, RedisServer, WorkerFactory, free_port, spawn_redis, wait_until
 
+
+@pytest.fixture(autouse=True)
+def _no_shell_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SWARM_* or REDIS_URL from the developer's shell would override these tests' own."""
+    for name in list(os.environ):
+        if name.startswith("SWARM_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+
+
 INTERVAL_S = 0.5  # the fixtures' heartbeat interval (SWARM_WORKER_HEARTBEAT_INTERVAL_S)
 
 

@@ -18,6 +18,15 @@ from swarm_workers.errors import ConfigError
 
 from .conftest import ROOT, write_toml
 
+
+@pytest.fixture(autouse=True)
+def _no_shell_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SWARM_* or REDIS_URL from the developer's shell would override these tests' own."""
+    for name in list(os.environ):
+        if name.startswith("SWARM_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+
+
 RPM_1 = {
     "roles": {"default": {"concurrency": 2}},
     "ratelimit": {"models": {"fake-gpt": {"rpm": 1, "tpm": 100_000}}},
