@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -69,7 +68,7 @@ def worker(
 
     settings = _settings(config)
     try:
-        run_worker(
+        code = run_worker(
             settings,
             role,
             _priorities(priorities),
@@ -80,6 +79,7 @@ def worker(
     except SwarmError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -387,19 +387,32 @@ def dead_purge(
 @app.command()
 def healthcheck(
     max_age: Annotated[float, typer.Option(help="Fail if the heartbeat is older (s).")] = 60.0,
-    config: ConfigOption = None,
+    file: Annotated[
+        Path,
+        typer.Option(
+            "--file",
+            envvar="SWARM_WORKER_HEARTBEAT_FILE",
+            help="The worker's heartbeat file (worker.heartbeat_file).",
+        ),
+    ] = Path("/tmp/swarm-worker.heartbeat"),
+    ready: Annotated[
+        bool, typer.Option("--ready", help="Readiness: the broker answered recently too.")
+    ] = False,
 ) -> None:
-    """Liveness probe: exit 0 if this machine's worker polled the broker recently."""
-    from swarm_workers.health import heartbeat_age
+    """Liveness probe: exit 0 if this machine's worker loop is alive (readiness with
+    --ready: and its broker answers). Reads file ages only, never the config: a bad
+    config edit must not fail the probe of every running worker."""
+    from swarm_workers.health import broker_file, file_age
 
-    path = _settings(config).worker.heartbeat_file
-    age = heartbeat_age(path)
-    if age is None or age > max_age:
-        console.print(
-            f"unhealthy: heartbeat {path} " + ("missing" if age is None else f"{age:.0f}s old")
-        )
-        raise typer.Exit(1)
-    typer.echo(f"ok: heartbeat {age:.1f}s old")
+    checks = [("heartbeat", file)] + ([("broker", broker_file(file))] if ready else [])
+    for what, path in checks:
+        age = file_age(path)
+        if age is None or age > max_age:
+            console.print(
+                f"unhealthy: {what} {path} " + ("missing" if age is None else f"{age:.0f}s old")
+            )
+            raise typer.Exit(1)
+    typer.echo(f"ok: heartbeat {file_age(file) or 0.0:.1f}s old")
 
 
 @app.command()
@@ -433,7 +446,8 @@ def flower(
     port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5555,
     config: ConfigOption = None,
 ) -> None:
-    """Start Flower on the fleet's broker. Basic auth from FLOWER_BASIC_AUTH=user:pass.
+    """Start Flower on the fleet's broker. Basic auth from FLOWER_BASIC_AUTH=user:pass
+    (read by Flower from the environment).
 
     Task arguments show as a redacted summary (role, priority, id, prompt length):
     producers set Celery's argsrepr, never the prompt. Extra options go to Flower.
@@ -442,10 +456,9 @@ def flower(
     from swarm_workers.celery_app import create_app
 
     settings = _settings(config)
-    argv = ["flower", f"--port={port}", *ctx.args]
-    if os.environ.get("FLOWER_BASIC_AUTH"):
-        argv.append(f"--basic-auth={os.environ['FLOWER_BASIC_AUTH']}")
-    create_app(settings).start(argv=argv)
+    # Flower reads FLOWER_* variables itself (FLOWER_BASIC_AUTH, FLOWER_OAUTH2_SECRET,
+    # ...): credentials stay in the environment, never on an argv that `ps` shows.
+    create_app(settings).start(argv=["flower", f"--port={port}", *ctx.args])
 
 
 @app.command()

@@ -145,6 +145,22 @@ class RateLimitSettings(_Section):
         default_factory=lambda: {Priority.P0: 300.0, Priority.P1: 120.0, Priority.P2: 60.0}
     )
 
+    @model_validator(mode="after")
+    def _buckets_refill(self) -> RateLimitSettings:
+        # The same rule the bucket applies when a worker builds it (ratelimit/bucket.py
+        # `buckets_for`): a bucket holds `limit * burst_s / 60` (at least one request for
+        # rpm) and must leave room to refill inside the limit. Checked here so that every
+        # command refuses the config, not only a worker at start.
+        for model, limit in self.models.items():
+            for kind, per_minute, minimum in (("rpm", limit.rpm, 1.0), ("tpm", limit.tpm, 0.0)):
+                capacity = max(minimum, per_minute * self.burst_s / 60.0)
+                if capacity >= per_minute:
+                    raise ValueError(
+                        f"models.{model}.{kind} = {per_minute}: a bucket of {capacity:g} leaves "
+                        "no refill inside the limit; lower burst_s below 60 s or raise the limit"
+                    )
+        return self
+
 
 class AdmissionSettings(_Section):
     """High-water marks per priority (None: unbounded)."""
