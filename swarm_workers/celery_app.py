@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu.entity import Exchange, Queue
+from kombu.exceptions import OperationalError
 
 from swarm_workers import tasks
 from swarm_workers.config import Settings
+from swarm_workers.errors import BrokerUnavailable
 from swarm_workers.execution import Runtime
 from swarm_workers.models import AgentTask
 from swarm_workers.queues import ALL_PRIORITIES, RUN_AGENT, queue_name
@@ -100,17 +103,35 @@ def create_app(settings: Settings) -> SwarmCelery:
 
 
 def send_agent_task(app: SwarmCelery, task: AgentTask) -> None:
-    """Enqueue one task on `p<N>.<role>`; nothing is kept on this side to wait on."""
-    app.send_task(
-        RUN_AGENT,
-        args=[task.to_wire()],
-        task_id=task.id,
-        queue=queue_name(task.priority, task.role),
-        argsrepr=task.redacted() if app.swarm_settings.redact_prompts else None,
-        kwargsrepr="{}",
-        # No result subscription: the client polls the result store.
-        ignore_result=True,
-    )
+    """Enqueue one task on `p<N>.<role>`; nothing is kept on this side to wait on.
+
+    Raises `BrokerUnavailable` (never a kombu or redis error) when Redis refuses the
+    connection or does not answer within the transport's timeouts.
+    """
+    try:
+        app.send_task(
+            RUN_AGENT,
+            args=[task.to_wire()],
+            task_id=task.id,
+            queue=queue_name(task.priority, task.role),
+            argsrepr=task.redacted() if app.swarm_settings.redact_prompts else None,
+            kwargsrepr="{}",
+            # No result subscription: the client polls the result store.
+            ignore_result=True,
+            # One retry, at once (a pooled connection gone stale when Redis restarted),
+            # not kombu's default three: a producer hears that Redis is down within one
+            # connect or read timeout of the transport (README, "Using it from Python").
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
+        )
+    except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+        # Failing to connect ("Error 111 connecting to ...", "Timeout connecting to
+        # server") sent nothing; failing later (a read timeout, a dropped connection)
+        # may come after the message reached Redis.
+        maybe_sent = "connecting" not in str(exc)
+        raise BrokerUnavailable(
+            "send", str(exc) or type(exc).__name__, task_id=task.id, maybe_sent=maybe_sent
+        ) from exc
 
 
 def ping_workers(app: SwarmCelery, timeout_s: float) -> list[str]:

@@ -10,10 +10,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from swarm_workers.config import Settings, load_settings
-from swarm_workers.errors import SwarmError
+from swarm_workers.errors import InvalidTask, SwarmError
 from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, queue_name
 
@@ -97,20 +98,34 @@ def submit(
     """Enqueue one agent task and print its id (or, with --wait, its result as JSON)."""
     from swarm_workers.client import SwarmClient
 
-    text = sys.stdin.read() if prompt == "-" else prompt
     try:
+        text = _stdin_text() if prompt == "-" else prompt
         with SwarmClient(settings=_settings(config)) as client:
             handle = client.submit(text, role=role, priority=priority, budget=budget)
             if not wait:
                 typer.echo(handle.id)
                 return
             result = handle.result(timeout=timeout)
-    except SwarmError as exc:
-        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+    except SwarmError as exc:  # its message may quote input: never read it as markup
+        console.print(f"[red]{type(exc).__name__}:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     typer.echo(result.model_dump_json(indent=2))
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _stdin_text() -> str:
+    """The prompt from stdin, as strict UTF-8: never the lone surrogates that Python's
+    `surrogateescape` makes of invalid bytes (in a C or POSIX locale), which no worker,
+    Redis or provider can encode again."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidTask(
+            "prompt",
+            f"stdin is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+        ) from None
 
 
 @app.command()
