@@ -97,7 +97,7 @@ MetadataValue = (
 
 
 def text_problem(text: str) -> str | None:
-    """Why `text` cannot be sent, or None: a NUL character, or a lone surrogate (what
+    r"""Why `text` cannot be sent, or None: a NUL character, or a lone surrogate (what
     Python makes of undecodable bytes with `surrogateescape`), which UTF-8 cannot encode.
 
     >>> text_problem("caf\u00e9"), text_problem("a\x00b")
