@@ -387,9 +387,13 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     if path is not None:
         file = Path(path)
         try:
-            text = file.read_text()
+            text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:  # TOML is UTF-8, whatever the locale
+            raise ConfigError(
+                f"{file}: not valid UTF-8 (byte offset {exc.start}); TOML files are UTF-8"
+            ) from exc
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

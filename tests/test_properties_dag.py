@@ -4,8 +4,10 @@ Redis as it was; every good one plans each node once, after all of its deps."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
 from swarm_workers.dag import DagSpec, Node
 from swarm_workers.dag.compile import Leaf, Parallel, Step, nodes_of, plan, validate
-from swarm_workers.dag.model import parse_dag
+from swarm_workers.dag.model import load_dag, parse_dag
 from swarm_workers.errors import ConfigError, DagError, InvalidTask, SwarmError
 from swarm_workers.queues import ALL_PRIORITIES, queue_name
 
@@ -215,3 +217,12 @@ def test_parse_dag_is_a_spec_or_a_config_error(text: str) -> None:
     except ConfigError:
         return
     assert spec.nodes
+
+
+@PROPERTY
+@given(data=st.one_of(yaml_docs.map(str.encode), st.binary(max_size=60)))
+def test_load_dag_of_any_bytes_is_a_spec_or_a_config_error(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "dag.yaml"
+    path.write_bytes(data)
+    with contextlib.suppress(ConfigError):
+        assert load_dag(path).nodes
