@@ -112,11 +112,11 @@ class SwarmClient:
             "priority": level,
             "prompt": _checked_prompt(prompt),
             "messages": _checked_messages(messages),
-            "output_budget": _checked_budget(
-                budget if budget is not None else role_settings.budget_for(level),
-                model,
-                context_window(self.settings.llm, model),
-            ),
+            # A default budget is the role's (config checks the ones it sets); a task's
+            # own must fit the model's context window.
+            "output_budget": role_settings.budget_for(level)
+            if budget is None
+            else _checked_budget(budget, model, context_window(self.settings.llm, model)),
             "deps": _checked_deps(deps),
             "metadata": _checked_metadata(metadata),
         }

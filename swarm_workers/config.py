@@ -145,8 +145,7 @@ class ModelLimit(_Section):
 class RateLimitSettings(_Section):
     enabled: bool = True
     models: dict[str, ModelLimit] = Field(default_factory=dict)
-    # Below 60 s: a bucket that holds a whole minute's limit leaves no refill inside it.
-    burst_s: float = Field(6.0, gt=0, lt=60, description="Bucket capacity, in seconds of refill.")
+    burst_s: float = Field(6.0, gt=0, description="Bucket capacity, in seconds of refill.")
     # The share of each bucket a take must leave behind: in [0, 1). A negative reserve
     # would let a take drive an empty bucket into debt.
     reserve: dict[Priority, Annotated[float, Field(ge=0, lt=1)]] = Field(

@@ -91,7 +91,7 @@ def check_bounds(loaded: Settings) -> None:
     limits = loaded.ratelimit
     assert all(0 <= r < 1 for r in limits.reserve.values())
     assert all(w >= 0 and math.isfinite(w) for w in limits.max_wait_s.values())
-    assert 0 < limits.burst_s < 60
+    assert limits.burst_s > 0 and math.isfinite(limits.burst_s)
     for role in loaded.roles:
         model = loaded.model_for(role)
         window = context_window(loaded.llm, model)
@@ -150,7 +150,6 @@ def test_any_bytes_as_a_config_file_are_settings_or_a_config_error(
         ({"reserve": {"P1": 1.0}}, "ratelimit.reserve.P1"),
         ({"max_wait_s": {"P0": -1}}, "ratelimit.max_wait_s.P0"),
         ({"max_wait_s": {"P0": float("inf")}}, "ratelimit.max_wait_s.P0"),
-        ({"burst_s": 60}, "ratelimit.burst_s"),
         ({"burst_s": float("nan")}, "ratelimit.burst_s"),
         ({"models": {"fake-gpt": {"rpm": 60, "tpm": 6000}}}, "ratelimit.models.fake-gpt.tpm"),
     ],
