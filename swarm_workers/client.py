@@ -141,7 +141,8 @@ class SwarmClient:
         task = self.build_task(prompt, **options)
         with _broker_errors("the admission check", task.id):
             self.admission.check(queue_name(task.priority, task.role))  # Backpressure
-        self.enqueue(task)  # BrokerUnavailable, raised by send_agent_task
+        with _broker_errors("send", task.id, writes=True):
+            self.enqueue(task)
         return TaskHandle(self, task.id, task)
 
     def enqueue(self, task: AgentTask) -> None:
@@ -174,7 +175,7 @@ class SwarmClient:
             for queue in dag.queues:
                 self.admission.check(queue)  # Backpressure: a DAG is refused whole, not in part
         store = DagStore(self.redis, self.settings)
-        with _broker_errors("storing the DAG", dag.dag_id):
+        with _broker_errors("storing the DAG", dag.dag_id, writes=True):
             store.save(dag.record, dag.tasks)
         send_dag(self.app, dag)
         return DagHandle(dag.record, store, self.results)
@@ -325,9 +326,17 @@ def _dag_spec(nodes: object, fields: dict[str, Any]) -> DagSpec:
 
 
 @contextmanager
-def _broker_errors(during: str, task_id: str) -> Iterator[None]:
-    """Redis failing under a submit's own reads and writes -> `BrokerUnavailable`."""
+def _broker_errors(during: str, task_id: str, *, writes: bool = False) -> Iterator[None]:
+    """Redis failing under a submit's own reads and writes -> `BrokerUnavailable`.
+
+    With `writes`, a failure after the connection was made ("Timeout reading from
+    socket", a dropped connection) may come after the write reached Redis: `maybe_sent`.
+    Failing to connect ("Error 111 connecting to ...", "Timeout connecting to server")
+    sent nothing.
+    """
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise BrokerUnavailable(during, str(exc) or _kind(exc), task_id=task_id) from exc
+        reason = str(exc) or _kind(exc)
+        maybe_sent = writes and "connecting" not in reason
+        raise BrokerUnavailable(during, reason, task_id=task_id, maybe_sent=maybe_sent) from exc
