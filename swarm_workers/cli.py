@@ -9,10 +9,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from swarm_workers.config import Settings, load_settings
-from swarm_workers.errors import SwarmError
+from swarm_workers.errors import InvalidTask, SwarmError
 from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, queue_name
 
@@ -122,10 +123,8 @@ def submit(
     if file is not None:
         _submit_file(file, config)
         return
-    assert prompt is not None
-
-    text = sys.stdin.read() if prompt == "-" else prompt
     try:
+        text = _stdin_text() if prompt == "-" else prompt
         with SwarmClient(settings=_settings(config)) as client:
             handle = client.submit(
                 text, role=role, priority=priority, budget=budget, idempotency_key=key
@@ -134,8 +133,8 @@ def submit(
                 typer.echo(handle.id)
                 return
             result = handle.result(timeout=timeout)
-    except SwarmError as exc:
-        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+    except SwarmError as exc:  # its message may quote input: never read it as markup
+        console.print(f"[red]{type(exc).__name__}:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     typer.echo(result.model_dump_json(indent=2))
     if not result.ok:
@@ -167,10 +166,24 @@ def _submit_file(path: Path, config: Path | None) -> None:
         with SwarmClient(settings=_settings(config)) as client:
             handles = client.submit_many(items)
     except SwarmError as exc:
-        console.print(f"[red]{type(exc).__name__}:[/red] {exc} (nothing was sent)")
+        console.print(f"[red]{type(exc).__name__}:[/red] {escape(str(exc))} (nothing was sent)")
         raise typer.Exit(2) from None
     for handle in handles:
         typer.echo(handle.id)
+
+
+def _stdin_text() -> str:
+    """The prompt from stdin, as strict UTF-8: never the lone surrogates that Python's
+    `surrogateescape` makes of invalid bytes (in a C or POSIX locale), which no worker,
+    Redis or provider can encode again."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidTask(
+            "prompt",
+            f"stdin is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+        ) from None
 
 
 @app.command()

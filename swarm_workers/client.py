@@ -7,13 +7,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from swarm_workers.agent.budget import context_window
 from swarm_workers.cancellation import Canceller, CancelReport
 from swarm_workers.celery_app import SwarmCelery, create_app, send_agent_task, send_agent_tasks
 from swarm_workers.config import Settings, load_settings
@@ -22,9 +27,17 @@ from swarm_workers.dag.canvas import send_dag
 from swarm_workers.dag.prepare import prepare_dag
 from swarm_workers.dag.store import DagStore
 from swarm_workers.deadletters import DeadLetter, DeadLetterStore
-from swarm_workers.errors import InvalidTask, PayloadTooLarge
+from swarm_workers.errors import BrokerUnavailable, InvalidDag, InvalidTask, PayloadTooLarge
 from swarm_workers.idempotency import IdempotencyKeys
-from swarm_workers.models import AgentTask, Priority, TaskResult, TaskStatus, new_task_id, utcnow
+from swarm_workers.models import (
+    AgentTask,
+    Priority,
+    TaskResult,
+    TaskStatus,
+    new_task_id,
+    text_problem,
+    utcnow,
+)
 from swarm_workers.queues import queue_name
 from swarm_workers.ratelimit.admission import AdmissionControl
 from swarm_workers.redis_client import redis_client
@@ -107,29 +120,40 @@ class SwarmClient:
         metadata: Mapping[str, Any] | None = None,
         task_id: str | None = None,
     ) -> AgentTask:
-        """Validate everything a submit needs; raises InvalidTask naming the field."""
-        role = role or next(iter(self.settings.roles))
+        """Validate everything a submit needs; raises InvalidTask naming the field.
+
+        Whatever the arguments, the answer is a task or an `InvalidTask` (`UnknownRole`,
+        `PayloadTooLarge`): wrong types, text that is not valid UTF-8 (NUL, lone
+        surrogates), and budgets above the model's context window included.
+        """
+        if role is None:
+            role = next(iter(self.settings.roles))
+        elif not isinstance(role, str):
+            raise InvalidTask("role", f"must be a string, got {type(role).__name__}")
         role_settings = self.settings.role(role)  # UnknownRole
         try:
             level = Priority(priority) if priority is not None else role_settings.default_priority
-        except ValueError:
+        except (ValueError, TypeError):
             raise InvalidTask("priority", f"{priority!r} is not one of P0, P1, P2") from None
-        if budget is not None and budget <= 0:
-            raise InvalidTask("budget", f"must be > 0, got {budget}")
+        model = self.settings.model_for(role)
         fields: dict[str, Any] = {
             "role": role,
             "priority": level,
-            "prompt": prompt,
-            "messages": None if messages is None else [dict(m) for m in messages],
-            "output_budget": budget if budget is not None else role_settings.budget_for(level),
-            "deps": tuple(deps),
-            "metadata": dict(metadata or {}),
+            "prompt": _checked_prompt(prompt),
+            "messages": _checked_messages(messages),
+            # A default budget is the role's (config checks the ones it sets); a task's
+            # own must fit the model's context window.
+            "output_budget": role_settings.budget_for(level)
+            if budget is None
+            else _checked_budget(budget, model, context_window(self.settings.llm, model)),
+            "deps": _checked_deps(deps),
+            "metadata": _checked_metadata(metadata),
         }
         if task_id is not None:
             fields["id"] = task_id
         try:
             task = AgentTask(**fields)
-        except (ValidationError, TypeError) as exc:
+        except ValidationError as exc:
             raise _invalid(exc) from None
         size = len(json.dumps(task.to_wire()).encode())
         if size > self.settings.limits.max_payload_bytes:
@@ -141,6 +165,10 @@ class SwarmClient:
     ) -> TaskHandle:
         """Validate and enqueue one task on `p<N>.<role>`. Nothing is sent if invalid.
 
+        Raises `InvalidTask` (and subclasses) for bad input, `Backpressure` above the
+        queue's high-water mark, and `BrokerUnavailable` when Redis refuses or does not
+        answer (see README, *Using it from Python*, for how long that can take).
+
         With `idempotency_key`, a submit with a key used within the window
         (`limits.idempotency_window_s`) enqueues nothing and returns a handle to the
         task the first one made, whatever its state.
@@ -148,15 +176,19 @@ class SwarmClient:
         task = self.build_task(prompt, **options)
         made = f"task:{task.id}"
         if idempotency_key is not None:
-            first = self.idempotency.claim(idempotency_key, made)
+            with _broker_errors("the idempotency check", task.id):
+                first = self.idempotency.claim(idempotency_key, made)
             if first is not None:
                 return TaskHandle(self, _made_id(first, "task", idempotency_key))
         try:
-            self.admission.check(queue_name(task.priority, task.role))  # Backpressure
-            self.enqueue(task)
+            with _broker_errors("the admission check", task.id):
+                self.admission.check(queue_name(task.priority, task.role))  # Backpressure
+            with _broker_errors("send", task.id, writes=True):
+                self.enqueue(task)
         except BaseException:
             if idempotency_key is not None:
-                self.idempotency.release(idempotency_key, made)
+                with contextlib.suppress(redis.RedisError):
+                    self.idempotency.release(idempotency_key, made)
             raise
         return TaskHandle(self, task.id, task)
 
@@ -191,9 +223,14 @@ class SwarmClient:
         for task in tasks:
             queue = queue_name(task.priority, task.role)
             counts[queue] = counts.get(queue, 0) + 1
-        for queue, count in sorted(counts.items()):
-            self.admission.check(queue, count)  # Backpressure: the batch is refused whole
-        send_agent_tasks(self.app, tasks)
+        if not tasks:
+            return []
+        batch = f"{tasks[0].id} and {len(tasks) - 1} more"
+        with _broker_errors("the admission check", batch):
+            for queue, count in sorted(counts.items()):
+                self.admission.check(queue, count)  # Backpressure: the batch is refused whole
+        with _broker_errors("send", batch, writes=True):
+            send_agent_tasks(self.app, tasks)
         return [TaskHandle(self, task.id, task) for task in tasks]
 
     def submit_dag(
@@ -215,24 +252,28 @@ class SwarmClient:
         if name is not None:
             fields["name"] = name
         dag = prepare_dag(
-            DagSpec.of(nodes, **fields),
+            _dag_spec(nodes, fields),
             self.build_task,
             max_nodes=self.settings.limits.max_dag_nodes,
         )
         made = f"dag:{dag.dag_id}"
         if idempotency_key is not None:
-            first = self.idempotency.claim(idempotency_key, made)
+            with _broker_errors("the idempotency check", dag.dag_id):
+                first = self.idempotency.claim(idempotency_key, made)
             if first is not None:
                 return self.dag(_made_id(first, "dag", idempotency_key))
         store = DagStore(self.redis, self.settings)
         try:
-            for queue in dag.queues:
-                self.admission.check(queue)  # Backpressure: a DAG is refused whole
-            store.save(dag.record, dag.tasks)
-            send_dag(self.app, dag)
+            with _broker_errors("the admission check", dag.dag_id):
+                for queue in dag.queues:
+                    self.admission.check(queue)  # Backpressure: a DAG is refused whole
+            with _broker_errors("storing the DAG", dag.dag_id, writes=True):
+                store.save(dag.record, dag.tasks)
+            send_dag(self.app, dag)  # BrokerUnavailable of its own
         except BaseException:
             if idempotency_key is not None:
-                self.idempotency.release(idempotency_key, made)
+                with contextlib.suppress(redis.RedisError):
+                    self.idempotency.release(idempotency_key, made)
             raise
         return DagHandle(dag.record, store, self.results, self.canceller)
 
@@ -356,11 +397,98 @@ def _made_id(made: str, kind: str, key: str) -> str:
     return made_id
 
 
-def _invalid(exc: ValidationError | TypeError) -> InvalidTask:
-    if isinstance(exc, TypeError):
-        return InvalidTask("messages", str(exc))
+# --------------------------------------------------------------------------- input checks
+# Each turns what a caller may pass (anything, at run time) into what `AgentTask`
+# validates, or an `InvalidTask` naming the argument: never a TypeError or ValueError
+# from inside our own code.
+
+
+def _kind(value: object) -> str:
+    return type(value).__name__
+
+
+def _checked_prompt(prompt: object) -> str | None:
+    if prompt is not None and not isinstance(prompt, str):
+        raise InvalidTask("prompt", f"must be a string, got {_kind(prompt)}")
+    return prompt
+
+
+def _checked_messages(messages: object) -> list[object] | None:
+    if messages is None:
+        return None
+    if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
+        raise InvalidTask(
+            "messages", f"must be a list of {{role, content}} mappings, got {_kind(messages)}"
+        )
+    checked: list[object] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidTask(
+                f"messages.{i}", f"must be a mapping with role and content, got {_kind(message)}"
+            )
+        checked.append(dict(message))
+    return checked
+
+
+def _checked_budget(budget: object, model: str, context: int) -> int:
+    """A positive int (not a bool, not a string of digits) no larger than the context
+    window: one call's completion can never exceed it, and a budget is checked against
+    the whole loop's spend, so a larger one only hides a typo (`budget=10**9`)."""
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise InvalidTask("budget", f"must be an integer number of tokens, got {_kind(budget)}")
+    if budget <= 0:
+        raise InvalidTask("budget", f"must be > 0, got {budget}")
+    if budget > context:
+        raise InvalidTask(
+            "budget",
+            f"{budget} tokens exceeds the {context}-token context window of model {model} "
+            "(llm.context_windows)",
+        )
+    return budget
+
+
+def _checked_deps(deps: object) -> tuple[object, ...]:
+    if isinstance(deps, str | bytes) or not isinstance(deps, Sequence):
+        raise InvalidTask("deps", f"must be a list of task ids, got {_kind(deps)}")
+    for i, dep in enumerate(deps):
+        if not isinstance(dep, str):
+            raise InvalidTask(f"deps.{i}", f"must be a task id string, got {_kind(dep)}")
+    return tuple(deps)
+
+
+def _checked_metadata(metadata: object) -> dict[object, object]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidTask("metadata", f"must be a mapping, got {_kind(metadata)}")
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise InvalidTask("metadata", f"keys must be strings, got {_kind(key)}")
+        scalar = value is None or isinstance(value, str | int | float | bool)
+        if not scalar or (isinstance(value, float) and not math.isfinite(value)):
+            raise InvalidTask(
+                f"metadata.{key}",
+                f"must be a string, a finite number, a boolean or None, got {_kind(value)}"
+                + (f" {value!r}" if isinstance(value, float) else ""),
+            )
+    return dict(metadata)
+
+
+# Model field -> the argument of `build_task` a caller knows it by.
+_ARGUMENTS = {"output_budget": "budget", "id": "task_id"}
+
+
+def _invalid(exc: ValidationError) -> InvalidTask:
     first = exc.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or _field_from_message(first["msg"])
+    context = first.get("ctx") or {}
+    if "field" in context:  # `AgentTask._sendable_text`: the field is named for us
+        return InvalidTask(str(context["field"]), str(context["problem"]))
+    loc = [str(p) for p in first["loc"]]
+    if loc:
+        loc[0] = _ARGUMENTS.get(loc[0], loc[0])
+    if loc[:1] == ["metadata"]:
+        loc = loc[:2]  # drop the union member pydantic appends (`metadata.k.str`)
+    field = ".".join(loc) or _field_from_message(first["msg"])
     return InvalidTask(field, first["msg"].removeprefix("Value error, "))
 
 
@@ -369,3 +497,35 @@ def _field_from_message(message: str) -> str:
         if name in message:
             return name
     return "task"
+
+
+def _dag_spec(nodes: object, fields: dict[str, Any]) -> DagSpec:
+    """`DagSpec.of` with every refusal an `InvalidDag` naming the field."""
+    if isinstance(nodes, str | bytes) or not isinstance(nodes, Sequence | DagSpec):
+        raise InvalidDag("nodes", f"must be a list of Node or a DagSpec, got {_kind(nodes)}")
+    try:
+        spec = DagSpec.of(nodes, **fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first["loc"]][:2]  # nodes.<i>: pydantic adds the class name
+        raise InvalidDag(".".join(loc) or "dag", first["msg"]) from None
+    if spec.name is not None and (problem := text_problem(spec.name)) is not None:
+        raise InvalidDag("name", problem)
+    return spec
+
+
+@contextmanager
+def _broker_errors(during: str, task_id: str, *, writes: bool = False) -> Iterator[None]:
+    """Redis failing under a submit's own reads and writes -> `BrokerUnavailable`.
+
+    With `writes`, a failure after the connection was made ("Timeout reading from
+    socket", a dropped connection) may come after the write reached Redis: `maybe_sent`.
+    Failing to connect ("Error 111 connecting to ...", "Timeout connecting to server")
+    sent nothing.
+    """
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        reason = str(exc) or _kind(exc)
+        maybe_sent = writes and "connecting" not in reason
+        raise BrokerUnavailable(during, reason, task_id=task_id, maybe_sent=maybe_sent) from exc

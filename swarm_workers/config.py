@@ -13,22 +13,25 @@ with no file at all: one role, `default`, and a Redis on localhost.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,16 +58,24 @@ __all__ = [
     "Settings",
     "ToolsSettings",
     "WorkerSettings",
+    "bucket_token_capacity",
     "given_settings",
     "load_settings",
 ]
 
+log = logging.getLogger(__name__)
+
 # Output-token budgets per priority (field report: research costs 15-20x summarise).
 DEFAULT_BUDGETS: dict[Priority, int] = {Priority.P0: 8000, Priority.P1: 4096, Priority.P2: 2048}
 
+# A model whose token bucket cannot admit one request this large is refused at load:
+# every one of its tasks would fail (the same floor as `llm.default_context_window`).
+MIN_REQUEST_TOKENS = 1024
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # TOML reads `nan` and `inf` as floats; no timeout, rate or fraction here means either.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RoleSettings(_Section):
@@ -138,10 +149,12 @@ class RateLimitSettings(_Section):
     enabled: bool = True
     models: dict[str, ModelLimit] = Field(default_factory=dict)
     burst_s: float = Field(6.0, gt=0, description="Bucket capacity, in seconds of refill.")
-    reserve: dict[Priority, float] = Field(
+    # The share of each bucket a take must leave behind: in [0, 1). A negative reserve
+    # would let a take drive an empty bucket into debt.
+    reserve: dict[Priority, Annotated[float, Field(ge=0, lt=1)]] = Field(
         default_factory=lambda: {Priority.P0: 0.0, Priority.P1: 0.10, Priority.P2: 0.30}
     )
-    max_wait_s: dict[Priority, float] = Field(
+    max_wait_s: dict[Priority, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: {Priority.P0: 300.0, Priority.P1: 120.0, Priority.P2: 60.0}
     )
 
@@ -298,12 +311,67 @@ class Settings(BaseSettings):
     # One word, as every section: the environment splits SWARM_<SECTION>_<FIELD> once.
     deadletters: DeadLetterSettings = DeadLetterSettings()
 
+    # Context windows lowered to what the model's token bucket can admit: model ->
+    # (configured window, window used). `load_settings` says so; see `_fit_windows`.
+    _capped_windows: dict[str, tuple[int, int]] = PrivateAttr(default_factory=dict)
+
     @field_validator("roles")
     @classmethod
     def _some_role(cls, roles: dict[str, RoleSettings]) -> dict[str, RoleSettings]:
         if not roles:
             raise ValueError("at least one role must be configured")
         return roles
+
+    @model_validator(mode="after")
+    def _fit_windows(self) -> Settings:
+        """One request never needs more than its model's context window, and the token
+        bucket refuses any request above its capacity (`tpm * burst_s / 60`). Where a
+        role's model has a window larger than its bucket, the window used is lowered to
+        the capacity: a call's `max_tokens` is then cut to fit, and a prompt too large
+        for any bucket fails before anything is reserved or paid for (ContextOverflow),
+        instead of every large call failing with RequestTooLarge. `load_settings` logs
+        each lowered window with the `burst_s` that would keep it whole. A bucket too
+        small for any useful request (< MIN_REQUEST_TOKENS) is refused here.
+        """
+        windows = dict(self.llm.context_windows)
+        capped: dict[str, tuple[int, int]] = {}
+        for model in sorted({self.model_for(role) for role in self.roles}):
+            capacity = bucket_token_capacity(self.ratelimit, model)
+            if capacity is None:
+                continue
+            limited = model if model in self.ratelimit.models else "*"
+            if capacity < MIN_REQUEST_TOKENS:
+                raise _keyed(
+                    f"ratelimit.models.{limited}.tpm",
+                    f"the token bucket holds {capacity:g} tokens (tpm x burst_s / 60), less "
+                    f"than the {MIN_REQUEST_TOKENS} one request of role model {model} may "
+                    "need: raise ratelimit.burst_s or the tpm",
+                )
+            window = windows.get(model, self.llm.default_context_window)
+            if window > capacity:
+                windows[model] = int(capacity)
+                capped[model] = (window, int(capacity))
+        if capped:
+            llm = self.llm.model_copy(update={"context_windows": windows})
+            object.__setattr__(self, "llm", llm)  # frozen: set once, while validating
+            self._capped_windows = capped
+        for name, role in self.roles.items():
+            model = self.model_for(name)
+            window = windows.get(model, self.llm.default_context_window)
+            for priority, budget in role.budgets.items():
+                if budget > window:
+                    raise _keyed(
+                        f"roles.{name}.budgets.{priority.value}",
+                        f"{budget} tokens exceeds the {window}-token context window of {model}"
+                        + (" (lowered to fit its token bucket)" if model in capped else ""),
+                    )
+        return self
+
+    @property
+    def capped_context_windows(self) -> dict[str, tuple[int, int]]:
+        """Models whose context window was lowered to fit their token bucket:
+        model -> (configured window, window used)."""
+        return dict(self._capped_windows)
 
     @classmethod
     def settings_customise_sources(
@@ -349,9 +417,13 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     if path is not None:
         file = Path(path)
         try:
-            text = file.read_text()
+            text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:  # TOML is UTF-8, whatever the locale
+            raise ConfigError(
+                f"{file}: not valid UTF-8 (byte offset {exc.start}); TOML files are UTF-8"
+            ) from exc
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -359,22 +431,68 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         data["config_path"] = file
     try:
         settings = Settings(**data)
-        if not overrides:
-            return settings
-        # Validated again from exactly these values: what the caller passed in code wins.
-        return given_settings(_merged(settings.model_dump(), overrides))
+        if overrides:
+            # Validated again from exactly these values: what the caller passed in code wins.
+            settings = given_settings(_merged(settings.model_dump(), overrides))
     except SettingsError as exc:  # e.g. SWARM_ROLES holding JSON that does not parse
         raise ConfigError(f"environment: {exc}") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
+        loc = [str(part) for part in first["loc"]]
+        if first["type"] == _KEYED:  # a check across sections names its own key
+            loc = str((first.get("ctx") or {})["key"]).split(".")
+        key = ".".join(loc)
         # The offending input is not echoed: it may be an API key or a header.
         raise ConfigError(
             first["msg"]
             + (f" [{len(exc.errors()) - 1} more error(s)]" if len(exc.errors()) > 1 else ""),
             key=key,
-            line=_line_of(text, [str(part) for part in first["loc"]]) if text else None,
+            line=_line_of(text, loc) if text else None,
         ) from exc
+    for model, (window, used) in settings.capped_context_windows.items():
+        burst = _burst_for(settings.ratelimit, model, window)
+        log.warning(
+            "llm.context_windows.%s: using %d tokens, not %d: the model's token bucket "
+            "(tpm x burst_s / 60) cannot admit a larger request; %s",
+            model,
+            used,
+            window,
+            f"set ratelimit.burst_s to {burst:.1f} or more to allow the whole window"
+            if burst < 60
+            else "the tpm is below one whole-window request, so no burst_s can allow it",
+        )
+    return settings
+
+
+_KEYED = "config_key"
+
+
+def _keyed(key: str, message: str) -> PydanticCustomError:
+    """A validation error for a check across sections, naming the key at fault."""
+    return PydanticCustomError(_KEYED, "{message}", {"key": key, "message": message})
+
+
+def bucket_token_capacity(ratelimit: RateLimitSettings, model: str) -> float | None:
+    """The most tokens one request for `model` may take from the fleet's token buckets
+    (its own limit's and the global `"*"` one's: `tpm * burst_s / 60`), or None when
+    nothing limits it. The same formula as `ratelimit.bucket.buckets_for`.
+
+    >>> limits = RateLimitSettings(models={"m": ModelLimit(rpm=500, tpm=1_000_000)})
+    >>> bucket_token_capacity(limits, "m")
+    100000.0
+    """
+    if not ratelimit.enabled:
+        return None
+    limits = [ratelimit.models[m] for m in (model, "*") if m in ratelimit.models]
+    if not limits:
+        return None
+    return min(limit.tpm * ratelimit.burst_s / 60 for limit in limits)
+
+
+def _burst_for(ratelimit: RateLimitSettings, model: str, tokens: int) -> float:
+    """The `burst_s` at which the tightest limit of `model` holds `tokens`."""
+    tpm = min(ratelimit.models[m].tpm for m in (model, "*") if m in ratelimit.models)
+    return tokens * 60 / tpm
 
 
 class _GivenSettings(Settings):
@@ -399,11 +517,19 @@ def given_settings(data: dict[str, Any]) -> Settings:
 
 
 def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` laid on `base`, sections merged key by key rather than replaced."""
+    """`over` laid on `base`: a section (`llm`, `worker`, ...) is merged key by key, so
+    `llm={"base_url": ...}` keeps the environment's API key; anything else (`roles`,
+    `redis_url`) is replaced whole, as written."""
     merged = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merged(merged[key], value)
+        field = Settings.model_fields.get(key)
+        section = (
+            field is not None
+            and isinstance(field.annotation, type)
+            and issubclass(field.annotation, BaseModel)
+        )
+        if section and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
     return merged

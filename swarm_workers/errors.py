@@ -10,7 +10,9 @@ are turned into a tool message the model reads and can correct, never a crash.
     │   ├── UnknownRole
     │   └── PayloadTooLarge
     ├── Backpressure                queue above its high-water mark (depth, retry_after)
+    ├── BrokerUnavailable           Redis did not answer a submit in time (task_id)
     ├── DagError                    rejected DAG, nothing enqueued
+    │   ├── InvalidDag              the spec itself: nodes, on_failure, name (field)
     │   ├── DagCycle
     │   ├── UnknownDependency
     │   ├── UnknownReference        a prompt template names no dep: {{ x.output }}
@@ -38,12 +40,14 @@ from __future__ import annotations
 
 __all__ = [
     "Backpressure",
+    "BrokerUnavailable",
     "ConfigError",
     "ContextOverflow",
     "DagCycle",
     "DagError",
     "DagTooLarge",
     "DuplicateNode",
+    "InvalidDag",
     "InvalidTask",
     "InvalidToolArguments",
     "LeaseLost",
@@ -121,8 +125,46 @@ class Backpressure(SwarmError):
         self.retry_after = retry_after
 
 
+class BrokerUnavailable(SwarmError):
+    """Redis, the broker, failed or did not answer while a task was being submitted.
+
+    Raised within the client's bound (README, *Using it from Python*): at once for a
+    refused connection, after at most the connect and read timeouts for a Redis that
+    accepts connections but does not answer. When `maybe_sent` is true the send itself
+    failed part way, so the task may have been enqueued: look it up by `task_id` (or
+    submit again with the same `task_id`) rather than assume it was not.
+
+    >>> BrokerUnavailable("send", "Connection refused", task_id="t1").maybe_sent
+    False
+    """
+
+    def __init__(
+        self, during: str, reason: str, *, task_id: str | None = None, maybe_sent: bool = False
+    ) -> None:
+        what = f"task {task_id}: " if task_id else ""
+        outcome = "it may have been enqueued" if maybe_sent else "nothing was enqueued"
+        super().__init__(f"{what}Redis unavailable during {during} ({reason}); {outcome}")
+        self.during = during
+        self.reason = reason
+        self.task_id = task_id
+        self.maybe_sent = maybe_sent
+
+
 class DagError(SwarmError):
     """A DAG was rejected at submit time; nothing was enqueued."""
+
+
+class InvalidDag(DagError):
+    """The DAG spec itself is malformed (not a node, a bad policy, a bad name); `field`
+    names what was wrong.
+
+    >>> InvalidDag("on_failure", "must be fail or skip").field
+    'on_failure'
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class DagCycle(DagError):

@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "WIRE_VERSION",
@@ -33,6 +34,7 @@ __all__ = [
     "LLMCall",
     "Priority",
     "RoleName",
+    "TaskId",
     "TaskResult",
     "TaskState",
     "TaskStatus",
@@ -40,6 +42,7 @@ __all__ = [
     "ToolCallRecord",
     "Usage",
     "new_task_id",
+    "text_problem",
     "utcnow",
 ]
 
@@ -78,6 +81,49 @@ class Priority(StrEnum):
 
 RoleName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
 
+# Ids become Redis hash tags (`{<id>}`) and Celery task ids: no braces, no spaces.
+TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")]
+
+# Text a producer hands us travels as UTF-8 JSON through Redis to the provider: it must
+# be a real `str` (bytes are not decoded for the caller), and valid Unicode.
+Text = Annotated[str, Field(strict=True)]
+MetadataValue = (
+    Annotated[str, Field(strict=True)]
+    | Annotated[int, Field(strict=True)]
+    | Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    | Annotated[bool, Field(strict=True)]
+    | None
+)
+
+
+def text_problem(text: str) -> str | None:
+    r"""Why `text` cannot be sent, or None: a NUL character, or a lone surrogate (what
+    Python makes of undecodable bytes with `surrogateescape`), which UTF-8 cannot encode.
+
+    >>> text_problem("caf\u00e9"), text_problem("a\x00b")
+    (None, 'contains a NUL character (at index 1)')
+    >>> text_problem("\udcff")
+    'contains a lone surrogate U+DCFF (at index 0): not valid Unicode, so not valid UTF-8'
+    """
+    nul = text.find("\x00")
+    if nul >= 0:
+        return f"contains a NUL character (at index {nul})"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"contains a lone surrogate U+{ord(text[exc.start]):04X} (at index {exc.start}): "
+            "not valid Unicode, so not valid UTF-8"
+        )
+    return None
+
+
+def _unsendable(field: str, problem: str) -> PydanticCustomError:
+    """A validation error whose context names the submit field (`messages.2.content`)."""
+    return PydanticCustomError(
+        "unsendable_text", "{field}: {problem}", {"field": field, "problem": problem}
+    )
+
 
 class _Wire(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -107,21 +153,22 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class AgentTask(_Wire):
     """One unit of agent work: a prompt (or messages) for a role at a priority."""
 
-    # Ids become Redis hash tags (`{<id>}`) and Celery task ids: no braces, no spaces.
-    id: str = Field(default_factory=new_task_id, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+    id: TaskId = Field(default_factory=new_task_id)
     role: RoleName
     priority: Priority
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: tuple[ChatMessage, ...] | None = None
-    output_budget: int = Field(gt=0, description="Completion tokens the whole loop may spend.")
-    deps: tuple[str, ...] = ()
-    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    output_budget: int = Field(
+        gt=0, strict=True, description="Completion tokens the whole loop may spend."
+    )
+    deps: tuple[TaskId, ...] = ()
+    metadata: dict[Text, MetadataValue] = Field(default_factory=dict)
     submitted_at: datetime = Field(default_factory=utcnow)
 
     @model_validator(mode="after")
@@ -132,6 +179,25 @@ class AgentTask(_Wire):
             raise ValueError("messages is empty")
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        return self
+
+    @model_validator(mode="after")
+    def _sendable_text(self) -> AgentTask:
+        """No NUL, no lone surrogate anywhere a producer put text: the worker, Redis and
+        the provider all need valid UTF-8. The error names the field (see `_unsendable`)."""
+        texts: list[tuple[str, str]] = []
+        if self.prompt is not None:
+            texts.append(("prompt", self.prompt))
+        for i, message in enumerate(self.messages or ()):
+            texts.append((f"messages.{i}.content", message.content))
+        for key, value in self.metadata.items():
+            if (problem := text_problem(key)) is not None:
+                raise _unsendable("metadata", f"a key {problem}")
+            if isinstance(value, str):
+                texts.append((f"metadata.{key}", value))
+        for field, text in texts:
+            if (problem := text_problem(text)) is not None:
+                raise _unsendable(field, problem)
         return self
 
     @property

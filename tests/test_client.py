@@ -97,3 +97,54 @@ def test_default_budget_per_priority(client: SwarmClient) -> None:
         for p in ("P0", "P1", "P2")
     ]
     assert budgets == [8000, 4096, 2048]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": "x", "budget": "100"}, "budget"),
+        ({"prompt": "x", "budget": True}, "budget"),
+        ({"prompt": "x", "budget": 10**9}, "budget"),
+        ({"messages": ["hi"]}, "messages.0"),
+        ({"messages": "hi"}, "messages"),
+        ({"prompt": b"bytes"}, "prompt"),
+        ({"prompt": "a\x00b"}, "prompt"),
+        ({"prompt": "a\udcffb"}, "prompt"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "ok"},
+                    {"role": "user", "content": "\ud800"},
+                ]
+            },
+            "messages.1.content",
+        ),
+        ({"prompt": "x", "metadata": {"k": "v\x00"}}, "metadata.k"),
+        ({"prompt": "x", "metadata": {"k": float("nan")}}, "metadata.k"),
+        ({"prompt": "x", "deps": "abc"}, "deps"),
+        ({"prompt": "x", "role": ""}, "role"),
+    ],
+)
+def test_issue_14_inputs_are_typed_errors_naming_the_field(
+    client: SwarmClient, redis_conn: redis.Redis, kwargs: dict[str, object], field: str
+) -> None:
+    prompt = kwargs.pop("prompt", None)
+    with pytest.raises(InvalidTask) as info:
+        client.submit(prompt, **kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field, info.value
+    assert redis_conn.dbsize() == 0
+
+
+def test_swarm_submit_stdin_that_is_not_utf8_is_refused(
+    redis_url: str, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from swarm_workers.cli import app
+
+    monkeypatch.delenv("SWARM_CONFIG", raising=False)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    result = CliRunner().invoke(app, ["submit", "-"], input=b"abc\xff\xfe")
+    assert result.exit_code == 2
+    assert "not valid UTF-8" in result.output
+    assert redis_conn.dbsize() == 0

@@ -82,3 +82,13 @@ def test_priority_parsing_and_queue_names() -> None:
         "p2.summarize",
     ]
     assert worker_queues(["research"], [Priority.P0]) == ["p0.research"]
+
+
+def test_wire_refuses_text_that_is_not_valid_utf8() -> None:
+    """A payload from another producer is held to the same rule as a submit."""
+    wire = AgentTask(role="r", priority=Priority.P1, prompt="x", output_budget=5).to_wire()
+    for prompt in ("a\x00", "\udcff"):
+        with pytest.raises(ValidationError, match="prompt"):
+            AgentTask.from_wire({**wire, "prompt": prompt})
+    with pytest.raises(ValidationError):
+        AgentTask.from_wire({**wire, "output_budget": True})

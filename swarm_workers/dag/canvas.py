@@ -15,10 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Celery, chain, chord, group
+from kombu.exceptions import OperationalError
 
 from swarm_workers.dag.compile import Leaf, Parallel, Series, Step
 from swarm_workers.dag.prepare import PreparedDag
+from swarm_workers.errors import BrokerUnavailable
 from swarm_workers.queues import DAG_NODE, queue_name
 
 __all__ = ["send_dag", "to_canvas"]
@@ -38,7 +41,12 @@ def send_dag(app: Celery, dag: PreparedDag) -> None:
             ignore_result=True,
         )
 
-    to_canvas(dag.plan.step, signature).apply_async()
+    try:
+        to_canvas(dag.plan.step, signature).apply_async()
+    except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+        # The graph is stored; its head may or may not have been sent.
+        reason = str(exc) or type(exc).__name__
+        raise BrokerUnavailable("send", reason, task_id=dag.dag_id, maybe_sent=True) from exc
     _forget(app, list(dag.tasks.values()))
 
 

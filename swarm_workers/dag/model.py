@@ -108,9 +108,11 @@ def load_dag(path: str | Path) -> DagSpec:
     """Read a DAG file; raises ConfigError naming the key and line that is wrong."""
     file = Path(path)
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read DAG file {file}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not valid UTF-8 (byte offset {exc.start})") from exc
     return parse_dag(text, source=str(file))
 
 

@@ -300,6 +300,8 @@ def _parse_directives(text: str) -> list[_Directive]:
                 args, _ = decoder.raw_decode(rest)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"arguments of {match[2]} are not JSON: {exc}") from exc
+            except RecursionError:  # nested deeper than the decoder goes
+                raise ValueError(f"arguments of {match[2]} are nested too deeply") from None
         found.append(_Directive(match[2], json.dumps(args), match[1] == "CALL_BAD"))
     return found
 

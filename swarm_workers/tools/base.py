@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jsonschema
 from pydantic import BaseModel, ConfigDict, TypeAdapter
+from referencing.exceptions import Unresolvable
 
 from swarm_workers.config import RoleSettings
 from swarm_workers.errors import InvalidToolArguments, ToolFailed, ToolNotAllowed, UnknownTool
@@ -137,6 +138,13 @@ def validate_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, A
         raise InvalidToolArguments(
             tool, f"the tool's own schema is invalid: {exc.message}"
         ) from None
+    except (Unresolvable, RecursionError) as exc:
+        # The schema comes from an MCP server: a $ref to nowhere, or one to itself.
+        raise InvalidToolArguments(
+            tool, f"the tool's own schema cannot be used ({type(exc).__name__})"
+        ) from None
+    except OverflowError:  # a number too large to check against `multipleOf`, say
+        raise InvalidToolArguments(tool, "a number in the arguments is too large") from None
 
 
 class LocalToolset:
