@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -507,20 +508,43 @@ def exporter(
 def flower(
     ctx: typer.Context,
     port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5555,
+    no_auth: Annotated[
+        bool,
+        typer.Option("--no-auth", help="Serve without authentication (a local machine only)."),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Start Flower on the fleet's broker. Basic auth from FLOWER_BASIC_AUTH=user:pass
-    (read by Flower from the environment).
+    """Start Flower on the fleet's broker, behind basic auth.
 
-    Task arguments show as a redacted summary (role, priority, id, prompt length):
-    producers set Celery's argsrepr, never the prompt. Extra options go to Flower.
+    Credentials come from FLOWER_BASIC_AUTH=user:pass, or from the file
+    FLOWER_BASIC_AUTH_FILE names (a mounted secret): never from argv, which `ps`
+    shows. Without either, Flower does not start unless --no-auth is given.
+
+    Task arguments show as a redacted summary (role, priority, id, prompt length) and
+    task results as id, status, output size and tokens: agent outputs stay out of
+    Flower while `redact_prompts` is on (set it to false to see them). Workers send
+    the task events Flower shows unless `worker.task_events = false`. Extra options go
+    to Flower.
     """
 
     from swarm_workers.celery_app import create_app
 
     settings = _settings(config)
-    # Flower reads FLOWER_* variables itself (FLOWER_BASIC_AUTH, FLOWER_OAUTH2_SECRET,
-    # ...): credentials stay in the environment, never on an argv that `ps` shows.
+    if not os.environ.get("FLOWER_BASIC_AUTH"):
+        secret = os.environ.get("FLOWER_BASIC_AUTH_FILE")
+        if secret:
+            try:
+                # Flower reads FLOWER_* itself: the credentials stay in the environment.
+                os.environ["FLOWER_BASIC_AUTH"] = Path(secret).read_text().strip()
+            except OSError as exc:
+                console.print(f"[red]cannot read FLOWER_BASIC_AUTH_FILE {secret}:[/red] {exc}")
+                raise typer.Exit(2) from None
+        elif not no_auth:
+            console.print(
+                "[red]no credentials:[/red] set FLOWER_BASIC_AUTH=user:pass or "
+                "FLOWER_BASIC_AUTH_FILE=/path, or pass --no-auth for a local machine"
+            )
+            raise typer.Exit(2)
     create_app(settings).start(argv=["flower", f"--port={port}", *ctx.args])
 
 

@@ -41,10 +41,22 @@ _POLL_FIRST_S = 0.02
 _POLL_MAX_S = 0.5
 
 
-def pointer(result: TaskResult) -> dict[str, Any]:
-    """What a Celery task returns in place of the result: enough for a log line or
-    Flower, never the output (it may quote a private prompt)."""
-    return {"task_id": result.task_id, "status": result.status}
+def pointer(result: TaskResult, *, redact: bool = True) -> dict[str, Any]:
+    """What a Celery task returns in place of the result, which is what Flower shows:
+    the id, the status, sizes and usage; the output only when `redact` is off (it may
+    quote a private prompt), cut to 1 KiB."""
+    shown: dict[str, Any] = {
+        "task_id": result.task_id,
+        "status": result.status,
+        "output_chars": len(result.output or ""),
+        "tokens": result.usage.total_tokens,
+        "steps": result.steps,
+    }
+    if result.error is not None:
+        shown["error"] = result.error.type
+    if not redact:
+        shown["output"] = (result.output or "")[:1024]
+    return shown
 
 
 class ResultStore:

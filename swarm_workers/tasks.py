@@ -45,9 +45,9 @@ def close_runtime(app: Celery) -> None:
         runtime.close()
 
 
-def _recorded(run: Callable[[], TaskResult]) -> dict[str, Any]:
+def _recorded(run: Callable[[], TaskResult], redact: bool) -> dict[str, Any]:
     try:
-        return pointer(run())
+        return pointer(run(), redact=redact)
     except redis.RedisError as exc:
         # Redis is the broker too: put the message back rather than record a failure
         # for a task that never had its chance.
@@ -71,9 +71,9 @@ def register(app: Celery) -> None:
     @app.task(name=RUN_AGENT, **_OPTIONS)
     def run_agent(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         runtime = runtime_for(app, self.request.hostname)
-        return _recorded(lambda: execute(payload, runtime))
+        return _recorded(lambda: execute(payload, runtime), runtime.settings.redact_prompts)
 
     @app.task(name=DAG_NODE, **_OPTIONS)
     def run_dag_node(self: Any, dag_id: str, node: str) -> dict[str, Any]:
         runtime = runtime_for(app, self.request.hostname)
-        return _recorded(lambda: run_node(dag_id, node, runtime))
+        return _recorded(lambda: run_node(dag_id, node, runtime), runtime.settings.redact_prompts)
