@@ -60,7 +60,6 @@ def fleet(
             start_worker(ROLES, config=config, concurrency=concurrency)
         client = SwarmClient(settings=load_settings(config, redis_url=redis_url))
         made.append(client)
-        fleet.config = config  # type: ignore[attr-defined]
         return client
 
     yield make
@@ -202,7 +201,10 @@ def test_cancelling_the_root_cancels_the_tree(fleet: Callable[..., SwarmClient])
 
 @pytest.mark.slow
 def test_a_worker_sigkilled_while_the_supervisor_waits_loses_nothing(
-    fleet: Callable[..., SwarmClient], start_worker: WorkerFactory, redis_conn: redis.Redis
+    fleet: Callable[..., SwarmClient],
+    start_worker: WorkerFactory,
+    redis_conn: redis.Redis,
+    tmp_path: Path,
 ) -> None:
     client = fleet(
         workers=2,
@@ -214,16 +216,16 @@ def test_a_worker_sigkilled_while_the_supervisor_waits_loses_nothing(
         lambda: (
             (t := client.tree(handle.id)) is not None
             and any(a.status == "running" for a in t.children)
+            # The supervisor holds no worker thread while it waits: no lease.
+            and client.status(handle.id).state is TaskState.QUEUED
         ),
         30,
-        "sub-agents to run",
+        "sub-agents to run while the supervisor waits",
     )
-    # The supervisor holds no worker thread while it waits: no lease, no unacked message.
-    assert client.status(handle.id).state is TaskState.QUEUED
     doomed = start_worker.started[0]
     doomed.signal(signal.SIGKILL)
     assert doomed.wait(10) == -signal.SIGKILL
-    start_worker(ROLES, config=fleet.config, concurrency=3)  # type: ignore[attr-defined]
+    start_worker(ROLES, config=tmp_path / "swarm.toml", concurrency=3)  # swarm_config's
     result = handle.result(timeout=120)
     assert result.ok, result.error
     assert (result.output or "").startswith("Synthesis: 1 round(s), 10 sub-agents, 10 succeeded")
