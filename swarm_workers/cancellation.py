@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from swarm_workers.config import Settings
 from swarm_workers.keys import KOMBU_UNACKED
+from swarm_workers.models import TaskResult
 from swarm_workers.queues import ALL_PRIORITIES, queue_name
 
 __all__ = ["CancelOutcome", "CancelReport", "Canceller"]
@@ -75,12 +76,16 @@ class Canceller:
         pipe.set(cancel_key, b"1", ex=self.settings.limits.result_ttl_s)
         pipe.publish(self.keys.cancels_channel(), task_id)
         pipe.execute()
-        # A result recorded between the look and the flag wins: the flag is then an
-        # orphan the finish script would have removed, so remove it here.
-        if self.redis.exists(result_key):
+        answer: CancelOutcome = "stopping" if running else "cancelled"
+        # A result recorded since the look: either our cancel already took (the run
+        # heard it and stopped), or the task finished first and the flag is an orphan
+        # the finish script will never see, so it goes.
+        stored = self.redis.get(result_key)
+        if stored is not None:
             self.redis.delete(cancel_key)
-            return CancelReport(task_id=task_id, outcome="finished")
-        return CancelReport(task_id=task_id, outcome="stopping" if running else "cancelled")
+            if TaskResult.model_validate_json(stored).status != "cancelled":
+                answer = "finished"
+        return CancelReport(task_id=task_id, outcome=answer)
 
     def _waiting(self, task_id: str) -> bool:
         """Is a message for `task_id` in one of the fleet's queues, or delivered and not

@@ -84,7 +84,9 @@ def worker(
 
 @app.command()
 def submit(
-    prompt: Annotated[str, typer.Argument(help="The task's prompt ('-' reads stdin).")],
+    prompt: Annotated[
+        str | None, typer.Argument(help="The task's prompt ('-' reads stdin).")
+    ] = None,
     role: Annotated[str | None, typer.Option("--role", "-r", help="Role (default: first).")] = None,
     priority: Annotated[
         str | None, typer.Option("--priority", "-p", help="P0, P1 or P2 (default: the role's).")
@@ -100,10 +102,27 @@ def submit(
             "nothing and prints the first task's id.",
         ),
     ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="Submit a batch instead: one JSON object of submit options per line "
+            '({"prompt": ..., "role": ..., "priority": ...}), all or none.',
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Enqueue one agent task and print its id (or, with --wait, its result as JSON)."""
+    """Enqueue one agent task and print its id (or, with --wait, its result as JSON);
+    with --file, a batch: every line valid and admitted, or nothing sent."""
     from swarm_workers.client import SwarmClient
+
+    if (prompt is None) == (file is None):
+        raise typer.BadParameter("give a prompt (or '-'), or --file tasks.jsonl")
+    if file is not None:
+        _submit_file(file, config)
+        return
+    assert prompt is not None
 
     text = sys.stdin.read() if prompt == "-" else prompt
     try:
@@ -121,6 +140,37 @@ def submit(
     typer.echo(result.model_dump_json(indent=2))
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _submit_file(path: Path, config: Path | None) -> None:
+    from swarm_workers.client import SwarmClient
+
+    items: list[dict[str, object]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        console.print(f"[red]cannot read {path}:[/red] {exc}")
+        raise typer.Exit(2) from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            console.print(f"[red]{path}:{number}: not JSON:[/red] {exc.msg}")
+            raise typer.Exit(2) from None
+        if not isinstance(item, dict):
+            console.print(f"[red]{path}:{number}: each line is a JSON object[/red]")
+            raise typer.Exit(2)
+        items.append(item)
+    try:
+        with SwarmClient(settings=_settings(config)) as client:
+            handles = client.submit_many(items)
+    except SwarmError as exc:
+        console.print(f"[red]{type(exc).__name__}:[/red] {exc} (nothing was sent)")
+        raise typer.Exit(2) from None
+    for handle in handles:
+        typer.echo(handle.id)
 
 
 @app.command()

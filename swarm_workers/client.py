@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from swarm_workers.agent.checkpoint import CheckpointStore
 from swarm_workers.cancellation import Canceller, CancelReport
-from swarm_workers.celery_app import SwarmCelery, create_app, send_agent_task
+from swarm_workers.celery_app import SwarmCelery, create_app, send_agent_task, send_agent_tasks
 from swarm_workers.config import Settings, load_settings
 from swarm_workers.dag import DagHandle, DagSpec, Node, OnFailure
 from swarm_workers.dag.canvas import send_dag
@@ -176,6 +176,38 @@ class SwarmClient:
     def enqueue(self, task: AgentTask) -> None:
         """Send a task built by `build_task`, skipping the admission check."""
         send_agent_task(self.app, task)
+
+    def submit_many(self, items: Sequence[Mapping[str, Any]]) -> list[TaskHandle]:
+        """Validate and enqueue a batch of tasks, all or none.
+
+        Each item holds `submit`'s keyword arguments (`prompt`, `role`, `priority`,
+        `messages`, `budget`, `metadata`, `task_id`). Every item is validated and every
+        queue's high-water mark checked (with the batch's own count) before anything is
+        sent; then one MULTI/EXEC sends them all. A bad item raises `InvalidTask` whose
+        field starts with its index (`tasks.3.prompt`), and nothing is sent.
+        """
+        tasks: list[AgentTask] = []
+        for index, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                raise InvalidTask(f"tasks.{index}", "each task is a mapping of submit's options")
+            options = dict(item)
+            prompt = options.pop("prompt", None)
+            try:
+                tasks.append(self.build_task(prompt, **options))
+            except InvalidTask as exc:
+                exc.field = f"tasks.{index}.{exc.field}"
+                exc.args = (f"task {index}: {exc.args[0]}",)
+                raise
+            except TypeError as exc:  # an option submit does not have
+                raise InvalidTask(f"tasks.{index}", str(exc)) from None
+        counts: dict[str, int] = {}
+        for task in tasks:
+            queue = queue_name(task.priority, task.role)
+            counts[queue] = counts.get(queue, 0) + 1
+        for queue, count in sorted(counts.items()):
+            self.admission.check(queue, count)  # Backpressure: the batch is refused whole
+        send_agent_tasks(self.app, tasks)
+        return [TaskHandle(self, task.id, task) for task in tasks]
 
     def submit_dag(
         self,

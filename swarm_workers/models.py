@@ -331,7 +331,9 @@ class TaskResult(_Wire):
         )
 
     @classmethod
-    def cancelled_before_run(cls, task: AgentTask, *, worker: str | None = None) -> TaskResult:
+    def cancelled_before_run(
+        cls, task: AgentTask, *, worker: str | None = None, why: str = "cancelled before it ran"
+    ) -> TaskResult:
         """The outcome of a task cancelled before it ran: no model call, no usage."""
         now = utcnow()
         return cls(
@@ -340,7 +342,7 @@ class TaskResult(_Wire):
             priority=task.priority,
             status="cancelled",
             stop_reason="cancelled",
-            error=ErrorInfo(type="TaskCancelled", message="cancelled before it ran"),
+            error=ErrorInfo(type="TaskCancelled", message=why),
             attempts=0,
             worker=worker,
             timings=Timings(submitted_at=task.submitted_at, started_at=now, finished_at=now),

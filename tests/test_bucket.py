@@ -264,10 +264,11 @@ def test_build_limiter_uses_the_bucket_only_for_limited_models(redis_conn: redis
     assert sorted(redis_conn.keys("*")) == [b"{swarm:rl:m}:rpm", b"{swarm:rl:m}:tpm"]
 
 
-def test_a_burst_without_room_for_refill_is_a_config_error(redis_conn: redis.Redis) -> None:
-    settings = RateLimitSettings(models={"m": ModelLimit(rpm=60, tpm=6000)}, burst_s=60)
-    with pytest.raises(ConfigError, match=r"ratelimit\.models\.m\.rpm"):
-        TokenBucketLimiter(redis_conn, settings)
+def test_a_burst_without_room_for_refill_is_a_config_error() -> None:
+    """Refused when the settings load, for every command, not when a worker builds it."""
+    limits = {"models": {"m": {"rpm": 60, "tpm": 6000}}, "burst_s": 60}
+    with pytest.raises(ConfigError, match=r"ratelimit.*models\.m\.rpm"):
+        load_settings(None, ratelimit=limits)
 
 
 def test_capacity_and_refill_fit_the_provider_window() -> None:

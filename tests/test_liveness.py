@@ -23,8 +23,9 @@ from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
 from swarm_workers.errors import ConfigError
 from swarm_workers.health import Liveness, broker_file
+from swarm_workers.localfleet import ProcessGroup
 
-from .conftest import ROOT, RedisServer, WorkerFactory, free_port, spawn_redis, wait_until
+from .conftest import ROOT, RedisServer, WorkerFactory, spawn_redis, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -115,14 +116,10 @@ def test_broken_config_under_a_running_worker_keeps_liveness_green(
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own: the test stops and restarts it."""
-    port = free_port()
     workdir = tmp_path / "redis"
     workdir.mkdir()
-    server = RedisServer(
-        url=f"redis://127.0.0.1:{port}/0", port=port, proc=spawn_redis(port, workdir), dir=workdir
-    )
-    yield server
-    server.stop()
+    with ProcessGroup() as group:
+        yield spawn_redis(group, workdir)
 
 
 def test_redis_outage_keeps_liveness_green_and_readiness_red(

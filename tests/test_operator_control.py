@@ -164,7 +164,8 @@ def test_cancel_stops_a_running_task_mid_model_call(
     handle = client.submit("take your time", priority="P1")
     wait_until(lambda: slow_llm.stats()["requests"] >= 1, 20, "the model call to start")
     asked = time.monotonic()
-    assert client.cancel(handle.id).outcome == "stopping"
+    report = client.cancel(handle.id)
+    assert report.outcome == "stopping", client.status(handle.id)
     result = handle.result(timeout=30)
     stopped_after = time.monotonic() - asked
     assert result.status == "cancelled"

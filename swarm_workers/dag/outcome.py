@@ -7,7 +7,8 @@ its upstream fails instead of when its turn comes.
 
 Rule: a node with a failed, skipped or cancelled dep is *blocked*. It is `failed` if
 any such dep failed fatally (an own failure under `on_failure: fail`, or itself
-blocked-failed), else `skipped`. Its reason names the node where the failure started:
+blocked-failed), `cancelled` if every such dep was cancelled, else `skipped`. Its
+reason names the node where the failure started:
 `upstream node 'a' failed: ContextOverflow: ...`.
 
 >>> a = Outcome.of_result("a", failed_result, policy="skip")      # doctest: +SKIP
@@ -93,8 +94,14 @@ def blocked(deps: Sequence[tuple[str, Outcome]]) -> Outcome | None:
         return None
     fatal = [(node, o) for node, o in bad if o.fatal]
     node, cause = (fatal or bad)[0]
+    if fatal:
+        state = NodeState.FAILED
+    elif all(o.state is NodeState.CANCELLED for _, o in bad):
+        state = NodeState.CANCELLED  # what a cancel of the DAG does to the rest of it
+    else:
+        state = NodeState.SKIPPED
     return Outcome(
-        NodeState.FAILED if fatal else NodeState.SKIPPED,
+        state,
         cause.downstream_reason(node),
         origin=cause.origin,
         fatal=bool(fatal),

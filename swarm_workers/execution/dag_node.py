@@ -68,6 +68,11 @@ def _prepare(
         for dep, result in zip(deps, results, strict=True)
     ]
     stop = outcome.blocked(outcomes)
+    if stop is not None and stop.state is NodeState.CANCELLED:
+        log.info("DAG %s node %s: cancelled (%s)", dag_id, node, stop.reason)
+        return TaskResult.cancelled_before_run(
+            task, worker=runtime.worker_name, why=stop.reason or "upstream cancelled"
+        )
     if stop is not None:
         kind = UPSTREAM_FAILED if stop.state is NodeState.FAILED else UPSTREAM_SKIPPED
         log.info("DAG %s node %s: %s (%s)", dag_id, node, stop.state.value, stop.reason)

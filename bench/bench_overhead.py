@@ -1,0 +1,150 @@
+"""Per-task overhead: a swarm worker against a bare Celery task making the same call.
+
+Both sides, in one run, with the sides alternated round by round: one worker process,
+threads pool with the same concurrency, acks late, prefetch off, the same redis-server
+as broker and result backend, the same fake provider (`swarm fake-llm`) at the same
+latency, the same `openai` SDK call. The bare side is `bench/bare_celery.py`; the swarm
+side is `swarm worker --role default` with default settings (bucket off: no limits are
+configured). Each round queues the backlog first, then starts the worker, and measures
+the drain from the first task start to the last task finish. Medians over rounds; the
+ratio swarm / bare is printed last.
+
+    python bench/bench_overhead.py --tasks 2000 --rounds 3 --latency-ms 1000 --concurrency 250
+    python bench/bench_overhead.py --tasks 2000 --rounds 3 --latency-ms 0 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+from swarm_workers.client import SwarmClient
+from swarm_workers.localfleet import (
+    ProcessGroup,
+    WorkerSpec,
+    start_fake_llm,
+    start_redis,
+    start_worker,
+    wait_until,
+)
+from swarm_workers.localfleet.fleet import file_settings
+from swarm_workers.localfleet.toml import write_toml
+
+HERE = Path(__file__).resolve().parent
+
+
+def bare_round(
+    group: ProcessGroup, redis_url: str, llm_url: str, args: argparse.Namespace
+) -> float:
+    app = Celery("bare", broker=redis_url, backend=redis_url)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    results = [app.send_task("bare.ask", args=[f"bench task {i}"]) for i in range(args.tasks)]
+    worker = group.spawn(
+        "bare-worker",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bare_celery",
+            "worker",
+            "--pool=threads",
+            f"--concurrency={args.concurrency}",
+            "--loglevel=WARNING",
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            "bare@%h",
+        ],
+        env={"BARE_REDIS_URL": redis_url, "BARE_LLM_URL": llm_url, "PYTHONPATH": str(HERE)},
+        cwd=HERE,
+    )
+    values = [r.get(timeout=900) for r in results]
+    worker.stop()
+    app.close()
+    return args.tasks / (max(v["finished"] for v in values) - min(v["started"] for v in values))
+
+
+def swarm_round(
+    group: ProcessGroup, config: Path, workdir: Path, args: argparse.Namespace, n: int
+) -> float:
+    with SwarmClient(settings=file_settings(config)) as client:
+        tasks = [client.build_task(f"bench task {i}", priority="P1") for i in range(args.tasks)]
+        for task in tasks:
+            client.enqueue(task)
+        worker = start_worker(
+            group,
+            WorkerSpec(concurrency=args.concurrency, loglevel="WARNING", heartbeat_interval_s=None),
+            name=f"swarm-worker-{n}",
+            workdir=workdir,
+            config=config,
+            ready_timeout=None,
+        )
+        results = [client.result(t.id, timeout=900) for t in tasks]
+    worker.stop()
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    first = min(r.timings.started_at for r in results)
+    last = max(r.timings.finished_at for r in results)
+    return args.tasks / (last - first).total_seconds()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=1000.0)
+    parser.add_argument("--concurrency", type=int, default=250)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
+        workdir = Path(tmp)
+        server = start_redis(group, workdir)
+        llm = start_fake_llm(group, "--latency-ms", str(args.latency_ms))
+        config = write_toml(
+            workdir / "swarm.toml",
+            {
+                "redis_url": server.url,
+                "llm": {"base_url": llm.base_url},
+                "roles": {"default": {"concurrency": args.concurrency}},
+            },
+        )
+        flush = redis.Redis.from_url(server.url)
+        rates: dict[str, list[float]] = {"bare": [], "swarm": []}
+        for n in range(args.rounds):
+            for side in ("bare", "swarm") if n % 2 == 0 else ("swarm", "bare"):
+                flush.flushdb()
+                wait_until(lambda: flush.dbsize() == 0, 5, "an empty Redis")
+                if side == "bare":
+                    rate = bare_round(group, server.url, llm.base_url, args)
+                else:
+                    rate = swarm_round(group, config, workdir, args, n)
+                rates[side].append(rate)
+                print(f"round {n + 1} {side:5s} {rate:7.1f} tasks/s", flush=True)
+        bare, swarm = statistics.median(rates["bare"]), statistics.median(rates["swarm"])
+        print(
+            f"\nlatency {args.latency_ms:g} ms, concurrency {args.concurrency}, "
+            f"{args.tasks} tasks x {args.rounds} rounds (medians)"
+        )
+        print(f"| bare Celery + openai | {bare:7.1f} tasks/s |")
+        print(f"| swarm worker         | {swarm:7.1f} tasks/s |")
+        print(f"swarm / bare = {swarm / bare:.2f}")
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {"args": vars(args) | {"json": None}, "rates": rates, "ratio": swarm / bare},
+                    indent=2,
+                )
+            )
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
