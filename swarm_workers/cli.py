@@ -200,6 +200,54 @@ def task(
 
 
 @app.command()
+def tree(
+    task_id: Annotated[str, typer.Argument(help="A supervisor's task id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """A swarm supervisor's sub-agents (live while it runs): status, tokens, cost, times,
+    and the critical path against the sequential time. Exits 1 if it spawned nothing."""
+    from rich.tree import Tree
+
+    from swarm_workers.client import SwarmClient
+    from swarm_workers.models import SubAgent
+
+    with SwarmClient(settings=_settings(config)) as client:
+        found = client.tree(task_id)
+        state = client.status(task_id).state.value
+    if found is None:
+        console.print(f"task {task_id} ({state}) has no sub-agents")
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(found.model_dump_json(indent=2))
+        return
+    speedup = f"{found.speedup:.1f}x" if found.speedup is not None else "-"
+    root = Tree(
+        f"[bold]{task_id}[/bold] {state}: {found.total_agents} sub-agents in {found.rounds} "
+        f"round(s), tokens {found.prompt_tokens}+{found.completion_tokens}, "
+        f"${found.cost_usd:.6f}; wall {found.wall_s or 0:.2f}s, critical path "
+        f"{found.critical_path_s:.2f}s, sequential {found.sequential_s:.2f}s ({speedup})"
+    )
+
+    def add(branch: Tree, agents: tuple[SubAgent, ...]) -> None:
+        for agent in agents:
+            colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(
+                agent.status, "cyan"
+            )
+            run = f"{agent.run_s:.2f}s" if agent.run_s is not None else "-"
+            label = (
+                f"{agent.task_id} [{colour}]{agent.status}[/{colour}] {agent.role} r{agent.round}"
+                f" tokens {agent.prompt_tokens}+{agent.completion_tokens} run {run}"
+            )
+            if agent.error is not None:
+                label += f" ({agent.error.type})"
+            add(branch.add(label), agent.children)
+
+    add(root, found.children)
+    console.print(root)
+
+
+@app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     config: ConfigOption = None,

@@ -78,6 +78,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class SpawnSettings(_Section):
+    """What a supervisor role's `swarm__spawn` may do (`spawn = true`: these defaults).
+
+    >>> SpawnSettings(max_per_spawn=20, tree_budget=200_000).max_depth
+    1
+    """
+
+    max_per_spawn: int = Field(100, ge=1, le=1000, description="Sub-agents in one call.")
+    max_total: int = Field(500, ge=1, description="Sub-agents in the whole tree of one root.")
+    max_depth: int = Field(
+        1, ge=1, le=8, description="Levels of sub-agents below the root (1: children only)."
+    )
+    tree_budget: int | None = Field(
+        None, ge=1, description="Output tokens the whole tree's sub-agents may draw."
+    )
+
+
 class RoleSettings(_Section):
     """A worker pool's specialisation: model, prompt, tools, defaults."""
 
@@ -89,6 +106,18 @@ class RoleSettings(_Section):
     concurrency: int = Field(64, ge=1, le=2000, description="Threads in the worker's pool.")
     max_steps: int = Field(8, ge=1, le=100)
     budgets: dict[Priority, int] = Field(default_factory=dict)
+    spawn: SpawnSettings | None = Field(
+        None, description="A supervisor: offered `swarm__spawn` (`spawn = true` for defaults)."
+    )
+
+    @field_validator("spawn", mode="before")
+    @classmethod
+    def _spawn_flag(cls, value: object) -> object:
+        if value is True:
+            return SpawnSettings()
+        if value is False:
+            return None
+        return value
 
     @field_validator("budgets")
     @classmethod

@@ -15,12 +15,14 @@ import redis
 from celery import Celery
 from celery.exceptions import Reject
 
-from swarm_workers.execution import Requeue, Runtime, execute, run_node
-from swarm_workers.models import TaskResult
-from swarm_workers.queues import DAG_NODE, RUN_AGENT
+from swarm_workers.dag.canvas import send_dag
+from swarm_workers.dag.prepare import PreparedDag
+from swarm_workers.execution import Requeue, Runtime, Suspended, execute, run_node
+from swarm_workers.models import AgentTask, TaskResult
+from swarm_workers.queues import DAG_NODE, RUN_AGENT, queue_name
 from swarm_workers.results import pointer
 
-__all__ = ["close_runtime", "register", "runtime_for"]
+__all__ = ["CelerySender", "close_runtime", "register", "runtime_for"]
 
 _build_lock = threading.Lock()
 
@@ -33,6 +35,7 @@ def runtime_for(app: Celery, worker_name: str | None = None) -> Runtime:
             runtime = getattr(app, "swarm_runtime", None)
             if runtime is None:
                 runtime = Runtime.build(app.swarm_settings, worker_name)
+                runtime.sender = CelerySender(app)
                 app.swarm_runtime = runtime
     return runtime
 
@@ -45,9 +48,34 @@ def close_runtime(app: Celery) -> None:
         runtime.close()
 
 
+class CelerySender:
+    """What a swarm sends on the broker: a spawn round's children (a DAG canvas) and a
+    supervisor's continuation (an ordinary `swarm.run_agent` message of its task)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def send_children(self, dag: PreparedDag) -> None:
+        send_dag(self.app, dag)
+
+    def send_continuation(self, task: AgentTask, message_id: str) -> None:
+        self.app.send_task(
+            RUN_AGENT,
+            args=[task.to_wire()],
+            task_id=message_id,
+            queue=queue_name(task.priority, task.role),
+            argsrepr=task.redacted(),
+            kwargsrepr="{}",
+            ignore_result=True,
+        )
+
+
 def _recorded(run: Callable[[], TaskResult], redact: bool) -> dict[str, Any]:
     try:
         return pointer(run(), redact=redact)
+    except Suspended as exc:
+        # Waiting for sub-agents: acknowledged now; the last child sends a continuation.
+        return {"task_id": exc.task_id, "status": "waiting"}
     except redis.RedisError as exc:
         # Redis is the broker too: put the message back rather than record a failure
         # for a task that never had its chance.

@@ -49,10 +49,15 @@ class PreparedDag:
         return sorted({queue_name(t.priority, t.role) for t in self.tasks.values()})
 
 
-def prepare_dag(spec: DagSpec, build_task: BuildTask, *, max_nodes: int) -> PreparedDag:
-    """Validate and build; raises a `DagError` or `InvalidTask` naming the node."""
+def prepare_dag(
+    spec: DagSpec, build_task: BuildTask, *, max_nodes: int, dag_id: str | None = None
+) -> PreparedDag:
+    """Validate and build; raises a `DagError` or `InvalidTask` naming the node.
+
+    `dag_id`: a deterministic id (a supervisor's spawn, rebuilt the same on a resume).
+    """
     deps = validate(spec, max_nodes)
-    dag_id = uuid.uuid4().hex
+    dag_id = dag_id or uuid.uuid4().hex
     tasks = {node.id: _task(build_task, dag_id, node, deps[node.id]) for node in spec.nodes}
     steps = plan(deps)
     by_id = {node.id: node for node in spec.nodes}

@@ -138,7 +138,7 @@ class Claims:
         """Record `result` unless one is stored, answering any cancel; returns the stored
         one. Without a `token` no lease is released (a task cancelled before it ran)."""
         stored = self._finish(
-            keys=self._task_keys(result.task_id),
+            keys=self._task_keys(result.task_id) + self.keys.run_state_keys(result.task_id),
             args=[result.model_dump_json(), self.result_ttl_s, token],
         )
         return TaskResult.model_validate_json(stored)
