@@ -45,6 +45,7 @@ from swarm_workers.models import Priority, RoleName
 
 __all__ = [
     "DEFAULT_BUDGETS",
+    "DEFAULT_LLM_BASE_URL",
     "AdmissionSettings",
     "BreakerSettings",
     "DeadLetterSettings",
@@ -138,8 +139,12 @@ class ModelPrice(_Section):
     output: float = Field(ge=0)
 
 
+DEFAULT_LLM_BASE_URL = "http://127.0.0.1:8400/v1"
+"""Where `swarm fake-llm` listens by default: the endpoint when none is configured."""
+
+
 class LLMSettings(_Section):
-    base_url: str = "http://127.0.0.1:8400/v1"
+    base_url: str = DEFAULT_LLM_BASE_URL
     api_key: SecretStr | None = None
     api_key_file: Path | None = Field(None, description="Read the key from this file.")
     model: str = "fake-gpt"
@@ -273,6 +278,11 @@ class WorkerSettings(_Section):
     lease_ttl_s: float = Field(30.0, ge=1, le=3600)
     # A task whose earlier run was cut short runs in a child process (`isolation`).
     isolate_suspects: bool = True
+    # How long a run retries Redis (a failover, a dropped connection) before its message
+    # goes back on the queue with the run uncounted.
+    redis_retry_s: float = Field(30.0, ge=0, le=600)
+    # Task events for Flower (received, started, succeeded): off saves CPU per task.
+    task_events: bool = True
     heartbeat_file: Path = Path("/tmp/swarm-worker.heartbeat")
     heartbeat_interval_s: float = Field(5.0, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)

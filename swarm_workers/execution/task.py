@@ -97,7 +97,7 @@ def execute(
         return runtime.results.put(undecodable(payload, exc, runtime.worker_name))
     recorded = _deliver(task, runtime, deadline, prepare)
     if Lineage.of(task).parent is not None:
-        _with_retries(lambda: _notify_parent(task, recorded, runtime), deadline)
+        _with_retries(lambda: _notify_parent(task, recorded, runtime), runtime)
     return recorded
 
 
@@ -129,7 +129,7 @@ def _deliver(
         runtime.claims.abandon(claim)
         raise Suspended(task.id)
     try:
-        recorded = _with_retries(lambda: runtime.claims.finish(claim, result), deadline)
+        recorded = _with_retries(lambda: runtime.claims.finish(claim, result), runtime)
     except redis.RedisError:
         # The outcome could not be stored: the run goes back on the queue uncounted and
         # its lease lapses within one TTL, so the redelivery is not held up for long.
@@ -177,7 +177,7 @@ def _bury(task: AgentTask, result: TaskResult, runtime: Runtime, deadline: Deadl
     is what is lost (logged), not the task."""
     letter = DeadLetter.of(task, result)
     try:
-        dropped = _with_retries(partial(runtime.deadletters.add, letter), deadline)
+        dropped = _with_retries(partial(runtime.deadletters.add, letter), runtime)
     except redis.RedisError as exc:
         log.error("task %s: failed for good, but its dead letter was not kept: %s", task.id, exc)
         return
@@ -190,14 +190,14 @@ def _claim(task: AgentTask, runtime: Runtime, deadline: Deadline) -> Claim | Tas
     """A claim to run `task`, or its outcome (stored, or cancelled before it ran); waits
     while a twin holds the lease."""
     while True:
-        begun = _with_retries(lambda: runtime.claims.begin(task.id, deadline), deadline)
+        begun = _with_retries(lambda: runtime.claims.begin(task.id, deadline), runtime)
         if begun.result is not None:
             log.info("task %s: already recorded, returning the stored result", task.id)
             return begun.result
         if begun.kind == "cancelled":
             log.info("task %s: cancelled before it ran", task.id)
             unrun = TaskResult.cancelled_before_run(task, worker=runtime.worker_name)
-            return _with_retries(partial(runtime.claims.record, unrun), deadline)
+            return _with_retries(partial(runtime.claims.record, unrun), runtime)
         if begun.claim is not None:
             return begun.claim
         # Another delivery of this very task runs (redelivered after a broker reconnect,
@@ -326,13 +326,12 @@ def undecodable(payload: Any, exc: ValidationError, worker: str | None) -> TaskR
 
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 2.0
-_RETRY_FOR_S = 30.0
 
 
-def _with_retries(call: Callable[[], T], deadline: Deadline) -> T:
-    """`call()`, retried on Redis errors with backoff for up to 30 s (never past the
-    deadline plus that): a failover or a dropped connection is not the task's failure."""
-    give_up = time.monotonic() + _RETRY_FOR_S
+def _with_retries(call: Callable[[], T], runtime: Runtime) -> T:
+    """`call()`, retried on Redis errors with backoff for up to `worker.redis_retry_s`:
+    a failover or a dropped connection is not the task's failure."""
+    give_up = time.monotonic() + runtime.settings.worker.redis_retry_s
     pause = _RETRY_FIRST_S
     while True:
         try:
