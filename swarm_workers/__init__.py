@@ -1,8 +1,11 @@
 """swarm_workers: a production worker fleet for LLM agent swarms on Celery and Redis.
 
->>> from swarm_workers import SwarmClient
->>> client = SwarmClient("redis://127.0.0.1:6379/0")     # doctest: +SKIP
->>> client.submit("Summarise X", priority="P0").result(timeout=60).output  # doctest: +SKIP
+Usage, with a worker running (`swarm worker`; README "Using it from Python")::
+
+    from swarm_workers import SwarmClient
+
+    client = SwarmClient("redis://127.0.0.1:6379/0")
+    client.submit("Summarise X", priority="P0").result(timeout=60).output
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The producer's API: validate, route, enqueue, and wait for results.
 
->>> client = SwarmClient("redis://127.0.0.1:6379/0")          # doctest: +SKIP
->>> handle = client.submit("Summarise X", role="default", priority="P0")  # doctest: +SKIP
->>> handle.result(timeout=60).output                           # doctest: +SKIP
+Usage::
+
+    client = SwarmClient("redis://127.0.0.1:6379/0")
+    handle = client.submit("Summarise X", role="default", priority="P0")
+    handle.result(timeout=60).output
 """
 
 from __future__ import annotations
@@ -63,9 +65,11 @@ class Replayed(BaseModel):
 class TaskHandle:
     """A submitted task: its id, and a way to wait for its result.
 
-    >>> handle = client.submit("Summarise X")      # doctest: +SKIP
-    >>> handle.result(timeout=60).status           # doctest: +SKIP
-    'succeeded'
+    Usage::
+
+        handle = client.submit("Summarise X")
+        handle.result(timeout=60).status
+        # -> 'succeeded'
     """
 
     def __init__(self, client: SwarmClient, task_id: str, task: AgentTask | None = None) -> None:

@@ -14,9 +14,11 @@ Waiting polls the key instead of subscribing: a pub/sub notice is lost with its
 connection (a Redis restart, a dropped socket), a stored key is not, so a waiter finds
 its result whatever happened to its connection in between.
 
->>> store = ResultStore(redis.Redis(), Keys("swarm"), ttl_s=3600)  # doctest: +SKIP
->>> store.wait("3f2a...", timeout=60).status                        # doctest: +SKIP
-'succeeded'
+Usage::
+
+    store = ResultStore(redis.Redis(), Keys("swarm"), ttl_s=3600)
+    store.wait("3f2a...", timeout=60).status
+    # -> 'succeeded'
 """
 
 from __future__ import annotations

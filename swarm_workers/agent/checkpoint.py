@@ -15,10 +15,12 @@ records its outcome (`execution/finish.lua`), so a finished task leaves its resu
 Saves are fenced by the run's lease token (`checkpoint.lua`): a run that lost its lease
 cannot overwrite what its successor resumes from; it stops with `LeaseLost`.
 
->>> store = CheckpointStore(redis.Redis(), Keys("swarm"), ttl_s=86400)   # doctest: +SKIP
->>> writer = store.writer("3f2a...", token="9c1e...")                    # doctest: +SKIP
->>> writer.load().steps                                                  # doctest: +SKIP
-3
+Usage::
+
+    store = CheckpointStore(redis.Redis(), Keys("swarm"), ttl_s=86400)
+    writer = store.writer("3f2a...", token="9c1e...")
+    writer.load().steps
+    # -> 3
 """
 
 from __future__ import annotations

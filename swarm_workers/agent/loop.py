@@ -17,9 +17,11 @@ tool it was not offered, a tool that fails) becomes that call's tool message,
 ``"error: ..."``, so the model can correct itself. A provider or limiter failure ends
 the loop with stop reason "error"; the usage spent until then is still reported.
 
->>> outcome = run_agent(task, runtime)                          # doctest: +SKIP
->>> outcome.stop_reason, outcome.steps, outcome.usage.completion_tokens  # doctest: +SKIP
-('final', 3, 412)
+Usage::
+
+    outcome = run_agent(task, runtime)
+    outcome.stop_reason, outcome.steps, outcome.usage.completion_tokens
+    # -> ('final', 3, 412)
 """
 
 from __future__ import annotations

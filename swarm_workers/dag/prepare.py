@@ -5,10 +5,12 @@ caller's `build_task`: role, priority, budget, payload size), then the plan and 
 record a worker and a `DagHandle` read. No Redis and no Celery here: the client
 stores the result (`DagStore.save`) and sends it (`dag.canvas.send_dag`).
 
->>> dag = prepare_dag(DagSpec.of([Node("a", "Find X"), Node("s", "Sum", deps=["a"])]),
-...                   build_task, max_nodes=500)                   # doctest: +SKIP
->>> dag.record.nodes["s"].deps                                     # doctest: +SKIP
-('a',)
+Usage::
+
+    dag = prepare_dag(DagSpec.of([Node("a", "Find X"), Node("s", "Sum", deps=["a"])]),
+                      build_task, max_nodes=500)
+    dag.record.nodes["s"].deps
+    # -> ('a',)
 """
 
 from __future__ import annotations

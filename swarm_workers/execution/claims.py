@@ -19,9 +19,11 @@ at the start of a run and one at its end:
   message was lost, at its next renewal), and its deadline is stopped with
   `TaskCancelled`, so the loop ends at its next step or tool call boundary.
 
->>> claims = Claims(redis.Redis(), Keys("swarm"), lease_ttl_s=30, result_ttl_s=86400,
-...                 attempts_ttl_s=14400)                        # doctest: +SKIP
->>> start = claims.begin("3f2a...", Deadline.start(1800))        # doctest: +SKIP
+Usage::
+
+    claims = Claims(redis.Redis(), Keys("swarm"), lease_ttl_s=30, result_ttl_s=86400,
+                    attempts_ttl_s=14400)
+    start = claims.begin("3f2a...", Deadline.start(1800))
 """
 
 from __future__ import annotations

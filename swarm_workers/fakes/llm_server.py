@@ -134,7 +134,8 @@ Latency = Annotated[FixedLatency | UniformLatency | LognormalLatency, Field(disc
 class FakeLLMConfig(BaseModel):
     """What the fake provider does; limits are per server process, in memory.
 
-    >>> FakeLLMConfig(latency=UniformLatency(min_ms=50, max_ms=400), rpm=600, api_key="sk-fake")
+    >>> FakeLLMConfig(latency=UniformLatency(min_ms=50, max_ms=400), rpm=600).latency.max_ms
+    400.0
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -5,10 +5,11 @@ servers, writes the swarm.toml the workers read (the endpoints filled in), start
 workers, and stops everything, newest first, on exit. The demo, the benchmarks and the
 test fixtures all start processes through this package.
 
->>> spec = FleetSpec(config={"roles": {"default": {"concurrency": 4}}},
-...                  workers=(WorkerSpec(),))
->>> with LocalFleet(spec, workdir) as fleet:                      # doctest: +SKIP
-...     client = SwarmClient(settings=fleet.settings())
+Usage::
+
+    spec = FleetSpec(config={"roles": {"default": {"concurrency": 4}}}, workers=(WorkerSpec(),))
+    with LocalFleet(spec, workdir) as fleet:
+        client = SwarmClient(settings=fleet.settings())
 """
 
 from __future__ import annotations

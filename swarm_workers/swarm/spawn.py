@@ -20,9 +20,11 @@ Redis (names in `keys`): the supervisor's ledger `<p>:spawn:{<id>}` (`ledger.lua
 rounds, the children each waits on, whether the continuation was sent) and the root's
 totals `<p>:swarm:{<root>}` (`draw.lua`). Both go when their task records its outcome.
 
->>> spawner = Spawner(redis.Redis(), settings)                    # doctest: +SKIP
->>> spawner.answer(task, "call_1", '{"tasks": [{"prompt": "Find X"}]}')  # doctest: +SKIP
-Waiting(round=1, dag_id='3f2a....s1f0c9a2b')
+Usage::
+
+    spawner = Spawner(redis.Redis(), settings)
+    spawner.answer(task, "call_1", '{"tasks": [{"prompt": "Find X"}]}')
+    # -> Waiting(round=1, dag_id='3f2a....s1f0c9a2b')
 """
 
 from __future__ import annotations

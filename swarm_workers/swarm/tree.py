@@ -9,8 +9,10 @@ Critical path: the supervisor's own model time plus, for each round, its slowest
 sub-agent (queue wait and run): the least wall time the tree could take. Sequential:
 its own model time plus every sub-agent's run, as one agent doing it all would spend.
 
->>> build_tree(spawner, "3f2a...", started_at=t0, own_model_s=2.0).total_agents  # doctest: +SKIP
-20
+Usage::
+
+    build_tree(spawner, "3f2a...", started_at=t0, own_model_s=2.0).total_agents
+    # -> 20
 """
 
 from __future__ import annotations
