@@ -7,6 +7,7 @@ id and status) which is all a chord counts and all Flower shows.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -17,12 +18,15 @@ from celery.exceptions import Reject
 
 from swarm_workers.dag.canvas import send_dag
 from swarm_workers.dag.prepare import PreparedDag
+from swarm_workers.dag.store import node_task_id
 from swarm_workers.execution import Requeue, Runtime, Suspended, execute, run_node
 from swarm_workers.models import AgentTask, TaskResult
 from swarm_workers.queues import DAG_NODE, RUN_AGENT, queue_name
 from swarm_workers.results import pointer
 
 __all__ = ["CelerySender", "close_runtime", "register", "runtime_for"]
+
+log = logging.getLogger(__name__)
 
 _build_lock = threading.Lock()
 
@@ -70,7 +74,8 @@ class CelerySender:
         )
 
 
-def _recorded(run: Callable[[], TaskResult], redact: bool) -> dict[str, Any]:
+def _recorded(run: Callable[[], TaskResult], runtime: Runtime, task_id: str) -> dict[str, Any]:
+    redact = runtime.settings.redact_prompts
     try:
         return pointer(run(), redact=redact)
     except Suspended as exc:
@@ -82,6 +87,20 @@ def _recorded(run: Callable[[], TaskResult], redact: bool) -> dict[str, Any]:
         raise Reject(f"Redis unavailable: {type(exc).__name__}", requeue=True) from exc
     except Requeue as exc:
         raise Reject(str(exc), requeue=True) from exc
+    except Exception as exc:
+        # A bug outside the run itself: recorded all the same, so a producer waiting on
+        # the task, or a chord on it, gets an answer instead of waiting for ever.
+        log.exception("task %s: internal error outside its run", task_id)
+        failed = TaskResult.failure(
+            "InternalError",
+            f"{type(exc).__name__} in the worker (see its log)",
+            task_id=task_id,
+            worker=runtime.worker_name,
+        )
+        try:
+            return pointer(runtime.results.put(failed), redact=redact)
+        except redis.RedisError as down:
+            raise Reject(f"Redis unavailable: {type(down).__name__}", requeue=True) from down
 
 
 _OPTIONS: dict[str, Any] = {
@@ -99,9 +118,11 @@ def register(app: Celery) -> None:
     @app.task(name=RUN_AGENT, **_OPTIONS)
     def run_agent(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         runtime = runtime_for(app, self.request.hostname)
-        return _recorded(lambda: execute(payload, runtime), runtime.settings.redact_prompts)
+        task_id = str(payload.get("id") if isinstance(payload, dict) else self.request.id)
+        return _recorded(lambda: execute(payload, runtime), runtime, task_id)
 
     @app.task(name=DAG_NODE, **_OPTIONS)
     def run_dag_node(self: Any, dag_id: str, node: str) -> dict[str, Any]:
         runtime = runtime_for(app, self.request.hostname)
-        return _recorded(lambda: run_node(dag_id, node, runtime), runtime.settings.redact_prompts)
+        task_id = node_task_id(dag_id, node)
+        return _recorded(lambda: run_node(dag_id, node, runtime), runtime, task_id)
