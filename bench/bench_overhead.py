@@ -6,8 +6,9 @@ as broker and result backend, the same fake provider (`swarm fake-llm`) at the s
 latency, the same `openai` SDK call. The bare side is `bench/bare_celery.py`; the swarm
 side is `swarm worker --role default` with default settings (bucket off: no limits are
 configured), twice: with the task events Flower reads (the default) and without
-(`worker.task_events = false`); the bare worker sends none, as Celery's default. Each round queues the backlog first, then starts the worker, and measures
-the drain from the first task start to the last task finish. Medians over rounds; the
+(`worker.task_events = false`); the bare worker sends none, as Celery's default.
+Each round queues the backlog first, then starts the worker, and measures the drain
+from the first task start to the last task finish. Medians over rounds; the
 ratio swarm / bare is printed last.
 
     python bench/bench_overhead.py --tasks 2000 --rounds 3 --latency-ms 1000 --concurrency 250
