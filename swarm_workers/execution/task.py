@@ -218,19 +218,24 @@ def _run(
     node's prompt rendered)."""
     started = utcnow()
     ran = task
-    limit = runtime.settings.worker.max_attempts
-    if claim.runs > limit:
-        message = f"started {claim.runs} times; each run before was cut short by its worker dying"
-        log.warning("task %s failed: TooManyAttempts: %s", task.id, message)
-        failed = TaskResult.failure(
-            "TooManyAttempts",
+
+    def failed(kind: str, message: str) -> tuple[TaskResult, AgentTask]:
+        log.warning("task %s failed: %s: %s", task.id, kind, message)
+        result = TaskResult.failure(
+            kind,
             message,
             task=task,
             worker=runtime.worker_name,
             attempts=claim.runs,
             started_at=started,
         )
-        return failed, ran
+        return result, ran
+
+    if claim.runs > runtime.settings.worker.max_attempts:
+        return failed(
+            "TooManyAttempts",
+            f"started {claim.runs} times; each run before was cut short by its worker dying",
+        )
     log.info("start %s run=%d", task.redacted(), claim.runs)
     try:
         ready = prepare(task) if prepare is not None else task
@@ -287,16 +292,7 @@ def _run(
             swarm=_tree(task, outcome.started_at or started, outcome.own_model_s, runtime),
         )
         return done, ran
-    log.warning("task %s failed: %s: %s", task.id, kind, message)
-    failed = TaskResult.failure(
-        kind,
-        message,
-        task=task,
-        worker=runtime.worker_name,
-        attempts=claim.runs,
-        started_at=started,
-    )
-    return failed, ran
+    return failed(kind, message)
 
 
 def _tree(
