@@ -14,19 +14,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from swarm_workers.client import SwarmClient, TaskHandle
+    from swarm_workers.cancellation import CancelReport
+    from swarm_workers.client import Replayed, SwarmClient, TaskHandle
     from swarm_workers.config import Settings, load_settings
     from swarm_workers.dag import DagHandle, DagSpec, DagStatus, Node
+    from swarm_workers.deadletters import DeadLetter
     from swarm_workers.errors import (
         Backpressure,
+        BrokerUnavailable,
         ConfigError,
         DagError,
+        InvalidDag,
         InvalidTask,
         PayloadTooLarge,
         ProviderError,
         RateLimited,
         ResultTimeout,
         SwarmError,
+        TaskCancelled,
         ToolError,
         UnknownRole,
     )
@@ -34,6 +39,12 @@ if TYPE_CHECKING:
 
 # Imported on first use: `python -m swarm_workers.fakes...` must not pay for Celery.
 _EXPORTS = {
+    "BrokerUnavailable": "errors",
+    "CancelReport": "cancellation",
+    "DeadLetter": "deadletters",
+    "InvalidDag": "errors",
+    "Replayed": "client",
+    "TaskCancelled": "errors",
     "DagHandle": "dag",
     "DagSpec": "dag",
     "DagStatus": "dag",
@@ -63,21 +74,27 @@ _EXPORTS = {
 __all__ = [
     "AgentTask",
     "Backpressure",
+    "BrokerUnavailable",
+    "CancelReport",
     "ConfigError",
     "DagError",
     "DagHandle",
     "DagSpec",
     "DagStatus",
+    "DeadLetter",
+    "InvalidDag",
     "InvalidTask",
     "Node",
     "PayloadTooLarge",
     "Priority",
     "ProviderError",
     "RateLimited",
+    "Replayed",
     "ResultTimeout",
     "Settings",
     "SwarmClient",
     "SwarmError",
+    "TaskCancelled",
     "TaskHandle",
     "TaskResult",
     "TaskState",
