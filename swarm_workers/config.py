@@ -276,8 +276,11 @@ class WorkerSettings(_Section):
     # A running task's lease on its id: renewed every third of this while the run lives,
     # so a dead worker's task can be taken over after at most this long.
     lease_ttl_s: float = Field(30.0, ge=1, le=3600)
-    # A task whose earlier run was cut short runs in a child process (`isolation`).
+    # A task whose earlier run was cut short runs in a child process (`isolation`),
+    # at most this many at a time per worker process (each holds a model call, mostly
+    # waiting, and some tens of MB).
     isolate_suspects: bool = True
+    isolation_slots: int = Field(8, ge=1, le=256)
     # How long a run retries Redis (a failover, a dropped connection) before its message
     # goes back on the queue with the run uncounted.
     redis_retry_s: float = Field(30.0, ge=0, le=600)

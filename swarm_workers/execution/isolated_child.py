@@ -1,48 +1,67 @@
 """The child process of an isolated run (see `execution.isolation`).
 
-    python -m swarm_workers.execution.isolated_child < request.json > outcome.json
-
-Reads the parent's settings, the task and the time left from stdin; runs the agent
-loop under the same failpoints as a worker (resuming from the task's checkpoint, and
-saving its own under the parent's lease); writes the `AgentOutcome` as JSON.
+A fork of the fork server that imported this module once: it reads the parent's
+settings, the task and the time left from the pipe; runs the agent loop under the same
+failpoints as a worker (resuming from the task's checkpoint, and saving its own under
+the parent's lease); and sends the `AgentOutcome` back as JSON.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
-import sys
+import signal
+from multiprocessing.connection import Connection
 
-from swarm_workers.agent.loop import run_agent
+from pydantic import TypeAdapter
+
+from swarm_workers.agent.loop import AgentOutcome, run_agent
 from swarm_workers.config import given_settings
 from swarm_workers.deadline import Deadline
 from swarm_workers.execution.failpoints import check_failpoints
-from swarm_workers.execution.isolation import OUTCOME_JSON
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.models import AgentTask
 
+__all__ = ["OUTCOME_JSON", "serve"]
 
-def main() -> None:
-    request = json.loads(sys.stdin.buffer.read())
-    settings = given_settings(request["settings"])
-    task = AgentTask.from_wire(request["task"])
-    deadline = Deadline.start(request["remaining_s"])
-    runtime = Runtime.build(settings, request["worker"])
+OUTCOME_JSON = TypeAdapter(AgentOutcome)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Be killed when the fork server dies, which it does when its worker does: a child
+    outliving a SIGKILLed worker would run on past its lease, beside the task's next
+    delivery. (Linux; elsewhere the child ends at its deadline.)"""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+
+
+def serve(request: bytes, pipe: Connection) -> None:
+    """Run one isolated task and send its outcome on `pipe` (the child's whole life)."""
+    _die_with_parent()
+    data = json.loads(request)
+    settings = given_settings(data["settings"])
+    task = AgentTask.from_wire(data["task"])
+    deadline = Deadline.start(data["remaining_s"])
+    runtime = Runtime.build(settings, data["worker"])
     try:
         check_failpoints(task, settings)
         outcome = run_agent(
             task,
             runtime,
             deadline,
-            durable=runtime.checkpoints.writer(task.id, request.get("token", "")),
+            durable=runtime.checkpoints.writer(task.id, data.get("token", "")),
             spawner=runtime.spawner,
         )
     finally:
         runtime.close()
-    sys.stdout.buffer.write(OUTCOME_JSON.dump_json(outcome))
-    sys.stdout.flush()
+    pipe.send_bytes(OUTCOME_JSON.dump_json(outcome))
+    pipe.close()
     os._exit(0)  # no interpreter teardown: the parent has what it needs
-
-
-if __name__ == "__main__":
-    main()

@@ -3,60 +3,90 @@
 A task whose earlier run was cut short (its run count is above one when a delivery
 begins) is a suspect: the worker running it died, maybe because of it. With the
 threads pool, a task that crashes its process costs an attempt to every task running
-beside it, so a suspect's agent loop runs in a child process of its own
-(`python -m swarm_workers.execution.isolation`); the worker thread waits for it and
-keeps renewing the lease. If the child dies, only the suspect's run is cut short: it
-counts as an attempt and the message goes back on the queue; after
-`worker.max_attempts` runs the task is recorded as failed, `TooManyAttempts`.
+beside it, so a suspect's agent loop runs in a child process of its own; the worker
+thread waits for it and keeps renewing the lease. If the child dies, only the
+suspect's run is cut short: it counts as an attempt and the message goes back on the
+queue; after `worker.max_attempts` runs the task is recorded as failed,
+`TooManyAttempts`.
 
-The child (`execution.isolated_child`) rebuilds the process runtime from the parent's
-settings (sent on stdin, secrets included, never on argv) and writes the
-`AgentOutcome` as JSON on stdout. A child that fails with an exception is an internal
-error, one still running at the task's deadline a time-limit stop: only a child killed
-by a signal is a crash.
-A child costs a Python start and the runtime's build (about a second): a price paid
-only by tasks that already took a worker down once.
+Children are forks of a fork server that imported the package once
+(`multiprocessing`'s "forkserver", `execution.isolated_child` preloaded), so one
+starts in milliseconds, not in the seconds a fresh interpreter takes to import
+`openai`: a crashed worker's tasks, all suspects at once, must not become a storm of
+interpreters. At most `worker.isolation_slots` children run at a time per worker
+process; a suspect that gets no slot before its deadline goes back on the queue
+uncounted (`RunDeferred`). A child that fails with an exception is an internal error,
+one still running at the task's deadline a time-limit stop: only a child killed by a
+signal is a crash. Settings travel to the child on its pipe, secrets included, never
+on argv.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
+import multiprocessing
+import threading
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr, TypeAdapter
+from pydantic import SecretStr
 
 from swarm_workers.agent.loop import AgentOutcome
 from swarm_workers.config import Settings
 from swarm_workers.deadline import Deadline
 from swarm_workers.errors import TimeLimitExceeded
+from swarm_workers.execution.isolated_child import OUTCOME_JSON, serve
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.models import AgentTask
 
-__all__ = ["OUTCOME_JSON", "RunCrashed", "run_isolated", "settings_json"]
+__all__ = ["RunCrashed", "RunDeferred", "run_isolated", "settings_json"]
 
-OUTCOME_JSON = TypeAdapter(AgentOutcome)
-_EXIT_GRACE_S = 2.0  # for the child to write its outcome once its deadline stopped the loop
-
+_EXIT_GRACE_S = 2.0  # for the child to send its outcome once its deadline stopped the loop
 
 log = logging.getLogger(__name__)
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["swarm_workers.execution.isolated_child"])
+_slots: threading.BoundedSemaphore | None = None
+_slots_lock = threading.Lock()
 
 
 class RunCrashed(Exception):
     """The child running a suspect died: this run was cut short like its worker's was."""
 
 
+class RunDeferred(Exception):
+    """No child slot came free before the task's deadline: the run never started."""
+
+
+def _slots_for(settings: Settings) -> threading.BoundedSemaphore:
+    global _slots
+    with _slots_lock:
+        if _slots is None:
+            _slots = threading.BoundedSemaphore(settings.worker.isolation_slots)
+        return _slots
+
+
 def run_isolated(
     task: AgentTask, runtime: Runtime, deadline: Deadline, token: str = ""
 ) -> AgentOutcome:
-    """Run `task`'s agent loop in a child process; `RunCrashed` when the child dies.
+    """Run `task`'s agent loop in a child process; `RunCrashed` when the child dies,
+    `RunDeferred` when no child slot came free in time.
 
     The child resumes from the task's checkpoint and saves its own, fenced by the
     parent's lease `token` (the parent keeps renewing the lease meanwhile).
     """
+    slots = _slots_for(runtime.settings)
+    if not slots.acquire(timeout=max(0.0, deadline.remaining())):
+        raise RunDeferred(f"task {task.id}: no isolation slot before its deadline")
+    try:
+        return _in_child(task, runtime, deadline, token)
+    finally:
+        slots.release()
+
+
+def _in_child(task: AgentTask, runtime: Runtime, deadline: Deadline, token: str) -> AgentOutcome:
     request = {
         "token": token,
         "settings": settings_json(runtime.settings),
@@ -64,25 +94,27 @@ def run_isolated(
         "remaining_s": max(0.001, deadline.remaining()),
         "worker": runtime.worker_name,
     }
+    ours, theirs = _CONTEXT.Pipe(duplex=False)
+    child = _CONTEXT.Process(target=serve, args=(json.dumps(request).encode(), theirs), daemon=True)
+    child.start()
+    theirs.close()
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "swarm_workers.execution.isolated_child"],
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            timeout=max(0.0, deadline.remaining()) + _EXIT_GRACE_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:  # subprocess.run killed it
-        raise TimeLimitExceeded(deadline.limit_s, "running in isolation") from exc
-    if done.returncode < 0:
-        raise RunCrashed(
-            f"task {task.id}: its isolated run was killed by signal {-done.returncode}"
-        )
-    if done.returncode != 0:
-        tail = done.stderr.decode(errors="replace")[-2000:]
-        log.error("task %s: isolated run failed (%d):\n%s", task.id, done.returncode, tail)
-        raise RuntimeError(f"isolated run exited with {done.returncode}")
-    return OUTCOME_JSON.validate_json(done.stdout)
+        if not ours.poll(max(0.0, deadline.remaining()) + _EXIT_GRACE_S):
+            raise TimeLimitExceeded(deadline.limit_s, "running in isolation")
+        try:
+            return OUTCOME_JSON.validate_json(ours.recv_bytes())
+        except EOFError:  # it ended without an answer: see how
+            pass
+        child.join(_EXIT_GRACE_S)
+        code = child.exitcode
+        if code is not None and code < 0:
+            raise RunCrashed(f"task {task.id}: its isolated run was killed by signal {-code}")
+        raise RuntimeError(f"isolated run of task {task.id} exited with {code} (see its log)")
+    finally:
+        ours.close()
+        if child.is_alive():
+            child.kill()
+        child.join(_EXIT_GRACE_S)
 
 
 def settings_json(settings: Settings) -> Any:

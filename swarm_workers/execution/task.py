@@ -42,7 +42,7 @@ from swarm_workers.deadline import Deadline
 from swarm_workers.errors import LeaseLost, SwarmError, TaskCancelled
 from swarm_workers.execution.claims import Claim
 from swarm_workers.execution.failpoints import check_failpoints
-from swarm_workers.execution.isolation import RunCrashed, run_isolated
+from swarm_workers.execution.isolation import RunCrashed, RunDeferred, run_isolated
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.metrics import DEAD_LETTERS, observe_result
 from swarm_workers.models import AgentTask, SwarmTree, TaskResult, Timings, utcnow
@@ -114,6 +114,10 @@ def _deliver(
     except redis.RedisError:
         runtime.claims.abandon(claim)
         raise
+    except RunDeferred as exc:
+        log.warning("%s; back on the queue", exc)
+        runtime.claims.abandon(claim)  # it never ran: not counted
+        raise Requeue(str(exc)) from exc
     except RunCrashed as exc:
         log.error("%s", exc)
         runtime.claims.release(claim)  # counted: this run was cut short
@@ -255,7 +259,7 @@ def _run(
             )
     except SwarmError as exc:
         kind, message = type(exc).__name__, str(exc)
-    except (redis.RedisError, RunCrashed):
+    except (redis.RedisError, RunCrashed, RunDeferred):
         raise
     except Exception as exc:  # a bug of ours: recorded, so a chord still completes
         log.exception("task %s: internal error", task.id)
