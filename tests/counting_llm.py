@@ -2,11 +2,12 @@
 witness that no task ran to completion twice.
 
 A task tags its prompt with ``[task:<tag>]``; every chat request whose body carries
-the tag is counted, answered (200) or refused (an injected fault). Everything else is
-the fake of `swarm_workers.fakes.llm_server`, unchanged (its ``/_fake/*`` endpoints
-too). Extra endpoints:
+the tag is counted: answered (200) to a caller still connected, answered too late (the
+caller timed out or died meanwhile: undelivered), or refused (an injected fault).
+Everything else is the fake of `swarm_workers.fakes.llm_server`, unchanged (its
+``/_fake/*`` endpoints too). Extra endpoints:
 
-    GET  /_census          {"<tag>": {"completions": n, "refused": m}, ...}
+    GET  /_census          {"<tag>": {"completions": n, "undelivered": u, "refused": m}}
     POST /_census/clear    drop the pending injected faults (ends a timed outage
                            started with ``POST /_fake/faults``), counters untouched
 
@@ -54,7 +55,14 @@ def build_counting_app(config: FakeLLMConfig) -> Starlette:
         found = TAG.search(body.decode(errors="replace"))
         tag = found[1] if found else "?"
         response = await provider.chat_completions(request)
-        counts[tag]["completions" if response.status_code == 200 else "refused"] += 1
+        if response.status_code != 200:
+            counts[tag]["refused"] += 1
+        elif await request.is_disconnected():
+            # The caller gave up (timed out) or died while the answer was made: it never
+            # got it, so it is not a run that completed.
+            counts[tag]["undelivered"] += 1
+        else:
+            counts[tag]["completions"] += 1
         return response
 
     async def census(request: Request) -> Response:
