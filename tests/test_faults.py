@@ -350,8 +350,8 @@ def test_mcp_server_down_opens_the_breaker_fleet_wide(
             timeout=90,
         )
         final_state = circuit.state("flaky").state
-    healed = {t: r for t, r in results.items() if r.tool_calls and r.tool_calls[0].ok}
-    census.recover_s = _first_finished_after(healed, back_at)
+    answered = {t: r for t, r in results.items() if r.tool_calls and r.tool_calls[0].ok}
+    census.recover_s = _first_finished_after(answered, back_at)
     census.recover_what = "server back -> first tool call answered"
     refused = [c for t in down if t in results for c in results[t].tool_calls if not c.ok]
     fast_failed = {results[t].worker for t in down if t in results and _circuit_open(results[t])}
