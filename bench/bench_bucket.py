@@ -11,20 +11,22 @@ per EVALSHA (from INFO commandstats, before and after) is what the script costs 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 
 from swarm_workers.config import ModelLimit, RateLimitSettings
+from swarm_workers.localfleet import ProcessGroup
 from swarm_workers.models import Priority
 from swarm_workers.ratelimit.bucket import TokenBucketLimiter
 
+BENCH = Path(__file__).resolve().parent
 HUGE = ModelLimit(rpm=10**9, tpm=10**12)
 
 
@@ -68,18 +70,18 @@ def loop(url: str, prefix: str, kind: str, seconds: float, threads: int) -> floa
 def in_processes(url: str, prefix: str, kind: str, seconds: float, procs: int) -> float:
     """Calls per second of `kind` summed over `procs` processes, one thread each."""
     code = (
-        "import sys, json; sys.path.insert(0, 'bench'); import bench_bucket as b; "
+        f"import sys, json; sys.path.insert(0, {str(BENCH)!r}); import bench_bucket as b; "
         "print(json.dumps(b.loop(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), 1)))"
     )
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, url, prefix, kind, str(seconds)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(procs)
-    ]
-    return sum(float(json.loads(child.communicate()[0])) for child in children)
+    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
+        children = [
+            group.spawn(f"loop-{i}", [sys.executable, "-c", code, url, prefix, kind, str(seconds)])
+            for i in range(procs)
+        ]
+        for child in children:
+            child.wait(seconds + 60)
+        # Each child's last line is its rate (its log holds any warnings too).
+        return sum(float(child.output().split()[-1]) for child in children)
 
 
 def main() -> int:

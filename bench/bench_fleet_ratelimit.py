@@ -22,9 +22,7 @@ import json
 import math
 import os
 import random
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +30,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -39,11 +38,12 @@ import redis
 
 from swarm_workers.config import ModelLimit, RateLimitSettings
 from swarm_workers.errors import RateLimited
+from swarm_workers.localfleet import FakeLLMSpec, FleetSpec, LocalFleet, ManagedProcess
 from swarm_workers.models import Priority
-from swarm_workers.processes import ProcessGroup, free_port, wait_until
 from swarm_workers.ratelimit.base import Limiter, Unlimited
 from swarm_workers.ratelimit.bucket import TokenBucketLimiter
 
+BENCH = Path(__file__).resolve().parent
 MODEL = "fake-model"
 MAX_TOKENS = 200
 ATTEMPTS = 7
@@ -132,30 +132,29 @@ def member(argv: Sequence[str]) -> None:
 
 
 def run(
-    args: argparse.Namespace, url: str, fake: str, *, bucket: str, burst: float
+    args: argparse.Namespace, fleet: LocalFleet, *, bucket: str, burst: float
 ) -> dict[str, object]:
-    httpx.post(f"{fake}/_fake/reset").raise_for_status()
+    assert fleet.llm is not None
+    fake = fleet.llm.root
+    fleet.llm.reset()
     start_at = time.time() + 10  # members import meanwhile
     until = start_at + args.seconds
     code = (
-        "import sys; sys.path.insert(0, 'bench'); import bench_fleet_ratelimit as b; "
+        f"import sys; sys.path.insert(0, {str(BENCH)!r}); import bench_fleet_ratelimit as b; "
         "b.member(sys.argv[1:])"
     )
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    member_args = [url, f"{fake}/v1", prefix, args.rpm, args.tpm, burst, bucket, args.threads]
+    member_args = [fleet.redis_url, fleet.llm.base_url, prefix, args.rpm, args.tpm, burst]
+    member_args += [bucket, args.threads, start_at, args.seconds]
     children = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, *map(str, member_args), str(start_at), str(args.seconds)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(args.procs)
+        fleet.group.spawn(f"member-{i}", [sys.executable, "-c", code, *map(str, member_args)])
+        for i in range(args.procs)
     ]
     time.sleep(max(0.0, start_at - 0.5 - time.time()))
     before = httpx.get(f"{fake}/_fake/stats").json()  # nobody calls before start_at
     time.sleep(max(0.0, until - time.time()))
     after = httpx.get(f"{fake}/_fake/stats").json()
-    records = [r for child in children for r in json.loads(child.communicate()[0])]
+    records = [r for child in children for r in _records(child, args.seconds + 60)]
 
     def served(stats: dict[str, int]) -> int:
         return stats["prompt_tokens"] + stats["completion_tokens"]
@@ -199,24 +198,13 @@ def main() -> int:
     parser.add_argument("--no-off", action="store_true", help="skip the run without the bucket")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
-        redis_port, llm_port = free_port(), free_port()
-        redis_bin = shutil.which("redis-server") or sys.exit("redis-server is not on PATH")
-        group.spawn("redis", [redis_bin, "--port", str(redis_port), "--save", ""])
-        url = f"redis://127.0.0.1:{redis_port}/0"
-        conn = redis.Redis.from_url(url)
-        wait_until(lambda: _answers(conn), 10, "redis")
-        fake_argv = [sys.executable, "-m", "swarm_workers.fakes.llm_server", "--port"]
-        fake_argv += [str(llm_port), "--rpm", str(args.rpm), "--tpm", str(args.tpm)]
-        fake_argv += ["--latency-uniform", "20", "80", "--model", MODEL]
-        group.spawn("fake-llm", fake_argv)
-        fake = f"http://127.0.0.1:{llm_port}"
-        wait_until(lambda: _serves(fake), 20, "the fake provider")
-
+    llm_flags = ("--rpm", str(args.rpm), "--tpm", str(args.tpm), "--model", MODEL)
+    spec = FleetSpec(llm=FakeLLMSpec((*llm_flags, "--latency-uniform", "20", "80")))
+    with tempfile.TemporaryDirectory() as tmp, LocalFleet(spec, Path(tmp)) as fleet:
         runs = [("on", float(b)) for b in args.bursts.split(",") if b]
         if not args.no_off:
             runs.append(("off", 0.0))
-        rows = [run(args, url, fake, bucket=bucket, burst=burst) for bucket, burst in runs]
+        rows = [run(args, fleet, bucket=bucket, burst=burst) for bucket, burst in runs]
 
     demand = args.procs * args.threads
     print(
@@ -239,18 +227,14 @@ def main() -> int:
     return 0
 
 
-def _answers(conn: redis.Redis) -> bool:
-    try:
-        return bool(conn.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def _serves(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/v1/models", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+def _records(member: ManagedProcess, timeout: float) -> list[dict[str, Any]]:
+    """A member's records: the JSON line it prints last (its log holds stderr too)."""
+    member.wait(timeout)
+    lines = [line for line in member.output().splitlines() if line.startswith("[")]
+    if member.proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{member.name} failed:\n{member.output()[-2000:]}")
+    records: list[dict[str, Any]] = json.loads(lines[-1])
+    return records
 
 
 if __name__ == "__main__":

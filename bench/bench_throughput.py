@@ -11,21 +11,13 @@ drain rate: from the first task start to the last task finish, from the results)
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import redis
-
 from swarm_workers.client import SwarmClient
-from swarm_workers.config import load_settings
-from swarm_workers.processes import ProcessGroup, free_port, redis_server_argv, wait_until
-
-ROOT = Path(__file__).resolve().parent.parent
+from swarm_workers.localfleet import FakeLLMSpec, FleetSpec, LocalFleet, WorkerSpec
 
 
 def main() -> int:
@@ -37,35 +29,21 @@ def main() -> int:
     parser.add_argument("--producers", type=int, default=8, help="submitting threads")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
-        redis_port, llm_port = free_port(), free_port()
-        redis_bin = shutil.which("redis-server") or sys.exit("redis-server is not on PATH")
-        group.spawn("redis", redis_server_argv(redis_bin, redis_port, Path(tmp)))
-        url = f"redis://127.0.0.1:{redis_port}/0"
-        conn = redis.Redis.from_url(url)
-        wait_until(lambda: _answers(conn), 10, "redis")
-        group.spawn(
-            "fake-llm",
-            [
-                sys.executable,
-                "-m",
-                "swarm_workers.fakes.llm_server",
-                "--port",
-                str(llm_port),
-                "--latency-ms",
-                str(args.latency_ms),
-            ],
+    spec = FleetSpec(
+        config={"ratelimit": {"enabled": False}},  # the tests measure the bucket, not this
+        llm=FakeLLMSpec(("--latency-ms", str(args.latency_ms))),
+    )
+    workers = [
+        WorkerSpec(
+            concurrency=args.concurrency,
+            hostname=f"bench{i}@%h",
+            loglevel="WARNING",
+            heartbeat_interval_s=None,
         )
-        base = f"http://127.0.0.1:{llm_port}/v1"
-        wait_until(lambda: _http_ok(f"{base}/models"), 20, "the fake provider")
-        env = {
-            "REDIS_URL": url,
-            "SWARM_LLM_BASE_URL": base,
-            "SWARM_WORKER_HEARTBEAT_FILE": f"{tmp}/hb",
-            "SWARM_RATELIMIT_ENABLED": "false",
-        }
-        settings = load_settings(None, redis_url=url)
-        with SwarmClient(settings=settings) as client:
+        for i in range(args.workers)
+    ]
+    with tempfile.TemporaryDirectory() as tmp, LocalFleet(spec, Path(tmp)) as fleet:
+        with SwarmClient(settings=fleet.settings()) as client:
             # The backlog is queued first, so the producer does not share the CPU with
             # the workers while they drain: the two rates are measured apart.
             tasks = [client.build_task(f"bench task {i}", priority="P1") for i in range(args.tasks)]
@@ -73,22 +51,7 @@ def main() -> int:
             with ThreadPoolExecutor(args.producers) as pool:
                 list(pool.map(client.enqueue, tasks))
             submit_s = time.perf_counter() - t0
-            for i in range(args.workers):
-                argv = [
-                    sys.executable,
-                    "-m",
-                    "swarm_workers.cli",
-                    "worker",
-                    "--role",
-                    "default",
-                    "--concurrency",
-                    str(args.concurrency),
-                    "--loglevel",
-                    "WARNING",
-                    "--hostname",
-                    f"bench{i}@%h",
-                ]
-                group.spawn(f"worker-{i}", argv, env=env, cwd=ROOT)
+            fleet.add_workers(workers)
             results = [client.result(t.id, timeout=900) for t in tasks]
         failed = sum(not r.ok for r in results)
         first = min(r.timings.started_at for r in results)
@@ -105,20 +68,6 @@ def main() -> int:
         print(f"  queue wait p50={p50:.2f}s p99={p99:.2f}s")
         print(f"  = {args.tasks / span * 86400 / 1e6:.1f} M tasks/day")
         return 1 if failed else 0
-
-
-def _answers(conn: redis.Redis) -> bool:
-    try:
-        return bool(conn.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":

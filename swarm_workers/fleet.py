@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from swarm_workers.celery_app import SwarmCelery, ping_workers
 from swarm_workers.config import Settings
+from swarm_workers.deadletters import DeadLetterStore
 from swarm_workers.exporter import queue_depths
 from swarm_workers.queues import queue_name
 from swarm_workers.ratelimit.bucket import bucket_levels
@@ -28,6 +29,7 @@ class FleetStatus(BaseModel):
     buckets: dict[str, dict[str, float]]  # model -> {"rpm": 0.83, "tpm": 0.41}, fraction full
     breakers: dict[str, str]  # MCP server -> closed | half_open | open
     registry_age_s: dict[str, float | None]  # MCP server -> age of the shared tool list
+    dead_letters: dict[str, int] = {}  # role -> tasks kept as failed for good
 
 
 def fleet_status(
@@ -55,4 +57,5 @@ def fleet_status(
         else {},
         breakers=breakers,
         registry_age_s=ages,
+        dead_letters=DeadLetterStore(client, settings).counts(),
     )

@@ -7,6 +7,11 @@ slot and the scripts run unchanged on Redis Cluster.
     <p>:result:{<task_id>}            a task's recorded `TaskResult` (the only copy)
     <p>:running:{<task_id>}           the lease of the delivery running the task
     <p>:attempts:{<task_id>}          runs started and not finished (cut short)
+    <p>:cancel:{<task_id>}            a cancel asked for, until the task records it
+    <p>:cancels                       pub/sub: cancels for running tasks, instantly
+    <p>:idem:{<digest>}               an idempotency key -> the task or DAG it made
+    {<p>:dead:<role>}:index / :entries / :dropped
+                                      dead letters: ids by time, entries, drops
     <p>:dag:{<dag_id>}                a DAG's graph (`DagRecord`)
     <p>:dag:{<dag_id>}:tasks          hash: node -> its `AgentTask` (one transaction)
     {<p>:rl:<model>}:rpm / :tpm       token buckets (one tag per model, or
@@ -60,6 +65,31 @@ class Keys:
 
     def attempts(self, task_id: str) -> str:
         return f"{self.prefix}:attempts:{{{task_id}}}"
+
+    def cancel(self, task_id: str) -> str:
+        return f"{self.prefix}:cancel:{{{task_id}}}"
+
+    def task_keys(self, task_id: str) -> list[str]:
+        """result, lease, attempts, cancel: what the run scripts touch, in that order."""
+        return [
+            self.result(task_id),
+            self.lease(task_id),
+            self.attempts(task_id),
+            self.cancel(task_id),
+        ]
+
+    def cancels_channel(self) -> str:
+        return f"{self.prefix}:cancels"
+
+    def idempotency(self, digest: str) -> str:
+        return f"{self.prefix}:idem:{{{digest}}}"
+
+    # ----------------------------------------------------------------- dead letters
+
+    def dead_letters(self, role: str) -> tuple[str, str, str]:
+        """(index, entries, dropped) of one role's dead letters, in one slot."""
+        tag = f"{{{self.prefix}:dead:{role}}}"
+        return f"{tag}:index", f"{tag}:entries", f"{tag}:dropped"
 
     # ----------------------------------------------------------------- DAGs
 

@@ -8,6 +8,9 @@ metrics are thread-safe; the threads pool shares them.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from swarm_workers.models import TaskResult
@@ -18,8 +21,10 @@ __all__ = [
     "LLM_429",
     "QUEUE_DEPTH",
     "REGISTRY",
+    "allow_tool_servers",
     "observe_result",
     "serve",
+    "tool_server_label",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -73,12 +78,42 @@ BUCKET_WAIT = Histogram(
     buckets=(0, 0.01, 0.1, 0.5, 1, 5, 15, 60, 300),
     registry=REGISTRY,
 )
+DEAD_LETTERS = Counter(
+    "swarm_dead_letters",
+    "Tasks that failed for good and were kept as dead letters (`swarm dead list`).",
+    ["role", "error"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "swarm_queue_depth",
     "Messages waiting in a queue (exporter only).",
     ["role", "priority"],
     registry=REGISTRY,
 )
+
+
+# Tool names come from the model, so a label taken from them is unbounded: only servers
+# a toolset was configured with may name a series. Process-wide, as the series are.
+_tool_servers: frozenset[str] = frozenset()
+_tool_servers_lock = threading.Lock()
+UNKNOWN_SERVER = "unknown"
+
+
+def allow_tool_servers(servers: Iterable[str]) -> None:
+    """Let these configured servers label `swarm_tool_calls` (toolsets call this)."""
+    global _tool_servers
+    with _tool_servers_lock:
+        _tool_servers = _tool_servers | frozenset(servers)
+
+
+def tool_server_label(tool: str) -> str:
+    """The server of `server__tool` when it is a configured one, else `unknown`.
+
+    >>> tool_server_label("nosuch__tool")
+    'unknown'
+    """
+    server, sep, _ = tool.partition("__")
+    return server if sep and server in _tool_servers else UNKNOWN_SERVER
 
 
 def observe_result(result: TaskResult) -> None:
@@ -95,8 +130,7 @@ def observe_result(result: TaskResult) -> None:
         LLM_TOKENS.labels(model, "completion").inc(result.usage.completion_tokens)
         LLM_COST.labels(model).inc(result.cost_usd)
     for tool in result.tool_calls:
-        server = tool.name.split("__", 1)[0] if "__" in tool.name else "unknown"
-        TOOL_CALLS.labels(server, "ok" if tool.ok else "error").inc()
+        TOOL_CALLS.labels(tool_server_label(tool.name), "ok" if tool.ok else "error").inc()
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

@@ -204,7 +204,7 @@ class Timings(BaseModel):
         return max(0.0, (self.finished_at - self.started_at).total_seconds())
 
 
-StopReason = Literal["final", "max_steps", "budget", "error"]
+StopReason = Literal["final", "max_steps", "budget", "error", "cancelled"]
 
 
 class TaskResult(_Wire):
@@ -218,7 +218,7 @@ class TaskResult(_Wire):
     task_id: str
     role: str
     priority: Priority
-    status: Literal["succeeded", "failed"]
+    status: Literal["succeeded", "failed", "cancelled"]
     output: str | None = None
     error: ErrorInfo | None = None
     stop_reason: StopReason = "final"
@@ -234,6 +234,10 @@ class TaskResult(_Wire):
     @property
     def ok(self) -> bool:
         return self.status == "succeeded"
+
+    @property
+    def was_cancelled(self) -> bool:
+        return self.status == "cancelled"
 
     @classmethod
     def failure(
@@ -275,6 +279,22 @@ class TaskResult(_Wire):
             ),
         )
 
+    @classmethod
+    def cancelled_before_run(cls, task: AgentTask, *, worker: str | None = None) -> TaskResult:
+        """The outcome of a task cancelled before it ran: no model call, no usage."""
+        now = utcnow()
+        return cls(
+            task_id=task.id,
+            role=task.role,
+            priority=task.priority,
+            status="cancelled",
+            stop_reason="cancelled",
+            error=ErrorInfo(type="TaskCancelled", message="cancelled before it ran"),
+            attempts=0,
+            worker=worker,
+            timings=Timings(submitted_at=task.submitted_at, started_at=now, finished_at=now),
+        )
+
 
 class TaskState(StrEnum):
     """Where a task is, read from the fleet's own keys (see `results.ResultStore.status`)."""
@@ -283,6 +303,12 @@ class TaskState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @classmethod
+    def of(cls, result: TaskResult) -> TaskState:
+        """The state a recorded result stands for."""
+        return cls(result.status)
 
 
 class TaskStatus(BaseModel):

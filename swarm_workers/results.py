@@ -7,7 +7,8 @@ bytes (`pointer`) with `ignore_result`, which is all a chord counts.
 
 Where a task is (`status`) is read from the fleet's own keys, in one round trip:
 a stored result means succeeded or failed, a held lease means running, anything else
-queued (an id nobody has recorded yet reads as queued too).
+queued (an id nobody has recorded yet reads as queued too). A recorded result is
+succeeded, failed or cancelled: `TaskState.of(result)` is the one map.
 
 Waiting polls the key instead of subscribing: a pub/sub notice is lost with its
 connection (a Redis restart, a dropped socket), a stored key is not, so a waiter finds
@@ -98,8 +99,7 @@ class ResultStore:
         for task_id, raw, leased in zip(task_ids, raws, leases, strict=True):
             if raw is not None:
                 result = TaskResult.model_validate_json(raw)
-                state = TaskState.SUCCEEDED if result.ok else TaskState.FAILED
-                found.append(TaskStatus(task_id=task_id, state=state, result=result))
+                found.append(TaskStatus(task_id=task_id, state=TaskState.of(result), result=result))
             else:
                 state = TaskState.RUNNING if leased else TaskState.QUEUED
                 found.append(TaskStatus(task_id=task_id, state=state))

@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 from celery.exceptions import Reject
 
-from swarm_workers.execution import Runtime, execute, run_node
+from swarm_workers.execution import Requeue, Runtime, execute, run_node
 from swarm_workers.models import TaskResult
 from swarm_workers.queues import DAG_NODE, RUN_AGENT
 from swarm_workers.results import pointer
@@ -52,6 +52,8 @@ def _recorded(run: Callable[[], TaskResult]) -> dict[str, Any]:
         # Redis is the broker too: put the message back rather than record a failure
         # for a task that never had its chance.
         raise Reject(f"Redis unavailable: {type(exc).__name__}", requeue=True) from exc
+    except Requeue as exc:
+        raise Reject(str(exc), requeue=True) from exc
 
 
 _OPTIONS: dict[str, Any] = {

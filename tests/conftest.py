@@ -1,84 +1,89 @@
 """Fixtures that start real things: a Redis, Celery worker processes, the fake provider.
 
-Every process started here is stopped here, even when the test fails.
+Every process is started through `swarm_workers.localfleet` and stopped here, even
+when the test fails. The suite does not depend on the caller's shell: `SWARM_*` and
+`REDIS_URL` are removed from this process's environment for the whole run (so an
+in-test producer reads what the workers read), and every child gets an explicit one.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 
-from swarm_workers.processes import free_port, redis_server_argv, wait_until
+from swarm_workers.localfleet import (
+    FakeProvider,
+    ProcessGroup,
+    RedisServer,
+    Worker,
+    WorkerSpec,
+    free_port,
+    is_fleet_variable,
+    start_fake_llm,
+    start_redis,
+    wait_until,
+    write_toml,
+)
+from swarm_workers.localfleet import (
+    start_worker as launch_worker,  # the fixture below is named `start_worker`
+)
 
-__all__ = ["ROOT", "free_port", "wait_until"]
+__all__ = [
+    "ROOT",
+    "FakeLLM",
+    "RedisServer",
+    "WorkerFactory",
+    "WorkerProcess",
+    "free_port",
+    "spawn_fake_llm",
+    "spawn_redis",
+    "wait_until",
+    "write_toml",
+]
 
 pytest_plugins = ["tests.mcp_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
+# The suite's own settings (e.g. SWARM_TEST_REDIS_URL) survive the clean-up.
+TEST_VARIABLE_PREFIX = "SWARM_TEST_"
+
+FakeLLM = FakeProvider
+WorkerProcess = Worker
+
+# --------------------------------------------------------------------------- environment
+
+_clean_environment = pytest.MonkeyPatch()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before collection (module-level code reads settings too): no fleet variables."""
+    for name in list(os.environ):
+        if is_fleet_variable(name) and not name.startswith(TEST_VARIABLE_PREFIX):
+            _clean_environment.delenv(name)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _clean_environment.undo()
 
 
 # --------------------------------------------------------------------------- Redis
 
 
-@dataclass
-class RedisServer:
-    """A redis-server this test session owns (or the one SWARM_TEST_REDIS_URL names)."""
-
-    url: str
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
-    dir: Path | None = None
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis.from_url(self.url, db=db)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def start(self) -> None:
-        """(Re)start a server we own on the same port, e.g. after a broker-loss test."""
-        if self.dir is None:
-            raise RuntimeError("cannot restart an external Redis")
-        self.proc = spawn_redis(self.port, self.dir)
-
-
-def spawn_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    if binary is None:
+def spawn_redis(group: ProcessGroup, workdir: Path, **options: Any) -> RedisServer:
+    """A redis-server of our own; a clear failure (not a skip) when there is none."""
+    try:
+        return start_redis(group, workdir, **options)
+    except FileNotFoundError as exc:
         pytest.fail(
-            "No Redis for the tests: set SWARM_TEST_REDIS_URL to a Redis you own, or install "
-            "redis-server (Debian/Ubuntu: apt install redis-server) so the tests can start one.",
+            f"No Redis for the tests: set SWARM_TEST_REDIS_URL to a Redis you own, or {exc}.",
             pytrace=False,
         )
-    proc = subprocess.Popen(
-        redis_server_argv(binary, port, workdir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    client = redis.Redis(port=port)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_until(answers, 10, f"redis-server on port {port}")
-    client.close()
-    return proc
 
 
 @pytest.fixture(scope="session")
@@ -93,13 +98,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         port = client.connection_pool.connection_kwargs.get("port", 6379)
         yield RedisServer(url=external, port=int(port))
         return
-    workdir = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    server = RedisServer(
-        url=f"redis://127.0.0.1:{port}/0", port=port, proc=spawn_redis(port, workdir), dir=workdir
-    )
-    yield server
-    server.stop()
+    with ProcessGroup() as group:
+        yield spawn_redis(group, tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture
@@ -121,40 +121,6 @@ def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
 # --------------------------------------------------------------------------- config
 
 
-def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
-    """Write a nested dict as TOML (only what our config uses: tables, scalars, lists)."""
-    lines: list[str] = []
-
-    def scalar(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return repr(value)
-        if isinstance(value, list | tuple):
-            return "[" + ", ".join(scalar(v) for v in value) + "]"
-        if isinstance(value, dict):
-            return "{" + ", ".join(f'"{k}" = {scalar(v)}' for k, v in value.items()) + "}"
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    def table(prefix: str, body: Mapping[str, Any]) -> None:
-        plain = {
-            k: v
-            for k, v in body.items()
-            if not isinstance(v, dict) or not v or not all(isinstance(x, dict) for x in v.values())
-        }
-        nested = {k: v for k, v in body.items() if k not in plain}
-        if prefix and plain:
-            lines.append(f"[{prefix}]")
-        for key, value in plain.items():
-            lines.append(f'"{key}" = {scalar(value)}')
-        for key, value in nested.items():
-            table(f"{prefix}.{key}" if prefix else key, value)
-
-    table("", data)
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture
 def swarm_config(tmp_path: Path) -> Callable[..., Path]:
     """Write a swarm.toml for this test: `swarm_config(roles={...}, worker={...})`."""
@@ -170,38 +136,21 @@ def swarm_config(tmp_path: Path) -> Callable[..., Path]:
 
 
 @dataclass
-class WorkerProcess:
-    proc: subprocess.Popen[bytes]
-    log: Path
-    hostname: str
-    heartbeat: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-@dataclass
 class WorkerFactory:
+    """Starts `swarm worker` processes on `redis_url`; `stop_all()` stops every one.
+
+    A worker's environment is `env` (the factory's, then the call's) on top of
+    REDIS_URL, SWARM_CONFIG (when `config` is given) and its heartbeat settings.
+    """
+
     redis_url: str
     tmp_path: Path
     env: dict[str, str] = field(default_factory=dict)
-    started: list[WorkerProcess] = field(default_factory=list)
+    started: list[Worker] = field(default_factory=list)
+    group: ProcessGroup = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.group = ProcessGroup(log_dir=self.tmp_path)
 
     def __call__(
         self,
@@ -212,137 +161,56 @@ class WorkerFactory:
         concurrency: int = 4,
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 30.0,
-    ) -> WorkerProcess:
+    ) -> Worker:
         index = len(self.started)
-        hostname = f"w{index}-{os.getpid()}@test"
-        log = self.tmp_path / f"worker-{index}.log"
-        heartbeat = self.tmp_path / f"worker-{index}.heartbeat"
-        args = [
-            sys.executable,
-            "-m",
-            "swarm_workers.cli",
-            "worker",
-            "--priorities",
-            priorities,
-            "--concurrency",
-            str(concurrency),
-            "--hostname",
-            hostname,
-            "--loglevel",
-            "INFO",
-        ]
-        for role in roles:
-            args += ["--role", role]
-        proc_env = {
-            **os.environ,
-            "REDIS_URL": self.redis_url,
-            "PYTHONUNBUFFERED": "1",
-            "SWARM_WORKER_HEARTBEAT_FILE": str(heartbeat),
-            "SWARM_WORKER_HEARTBEAT_INTERVAL_S": "0.5",
-            **self.env,
-            **(env or {}),
-        }
-        proc_env.pop("SWARM_CONFIG", None)
-        if config is not None:
-            proc_env["SWARM_CONFIG"] = str(config)
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                args, env=proc_env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
-            )
-        worker = WorkerProcess(proc=proc, log=log, hostname=hostname, heartbeat=heartbeat)
+        spec = WorkerSpec(
+            roles=tuple(roles),
+            priorities=priorities,
+            concurrency=concurrency,
+            hostname=f"w{index}-{os.getpid()}@test",
+            env={**self.env, **(env or {})},
+        )
+        worker = launch_worker(
+            self.group,
+            spec,
+            name=f"worker-{index}",
+            workdir=self.tmp_path,
+            redis_url=self.redis_url,
+            config=config,
+            ready_timeout=ready_timeout,
+        )
         self.started.append(worker)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.output()}")
-            return heartbeat.exists() and "ready." in worker.output()
-
-        wait_until(ready, ready_timeout, "the worker to report ready", interval=0.1)
         return worker
 
     def stop_all(self) -> None:
-        for worker in self.started:
-            worker.stop()
+        self.group.stop_all()
 
 
 # --------------------------------------------------------------------------- fake provider
 
 
-@dataclass
-class FakeLLM:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def stats(self) -> dict[str, Any]:
-        return dict(httpx.get(f"http://127.0.0.1:{self.port}/_fake/stats", timeout=5).json())
-
-    def fault(self, status: int, count: int, retry_after: float | None = None) -> None:
-        body: dict[str, Any] = {"status": status, "count": count}
-        if retry_after is not None:
-            body["retry_after"] = retry_after
-        httpx.post(
-            f"http://127.0.0.1:{self.port}/_fake/faults", json=body, timeout=5
-        ).raise_for_status()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def spawn_fake_llm(*flags: str) -> FakeLLM:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "swarm_workers.fakes.llm_server", "--port", str(port), *flags],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    fake = FakeLLM(proc=proc, port=port)
-
-    def answers() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"fake provider exited with {proc.returncode}")
-        try:
-            return httpx.get(f"{fake.base_url}/models", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(answers, 20, "the fake provider")
-    except BaseException:
-        fake.stop()
-        raise
-    return fake
+def spawn_fake_llm(*flags: str) -> FakeProvider:
+    """A fake provider of the caller's own; the caller stops it (`.stop()`)."""
+    return start_fake_llm(ProcessGroup(), *flags)
 
 
 @pytest.fixture
-def fake_llm() -> Iterator[FakeLLM]:
+def fake_llm() -> Iterator[FakeProvider]:
     """A fake OpenAI-compatible provider of this test's own (5 ms, no limits)."""
-    fake = spawn_fake_llm("--latency-ms", "5")
-    yield fake
-    fake.stop()
+    with ProcessGroup() as group:
+        yield start_fake_llm(group, "--latency-ms", "5")
 
 
 @pytest.fixture(scope="session")
-def shared_fake_llm() -> Iterator[FakeLLM]:
+def shared_fake_llm() -> Iterator[FakeProvider]:
     """One fake provider for every test that only needs answers (no faults, no stats)."""
-    fake = spawn_fake_llm("--latency-ms", "5")
-    yield fake
-    fake.stop()
+    with ProcessGroup() as group:
+        yield start_fake_llm(group, "--latency-ms", "5")
 
 
 @pytest.fixture
 def start_worker(
-    redis_url: str, tmp_path: Path, shared_fake_llm: FakeLLM
+    redis_url: str, tmp_path: Path, shared_fake_llm: FakeProvider
 ) -> Iterator[WorkerFactory]:
     """Start real `swarm worker` processes; all are stopped after the test.
 

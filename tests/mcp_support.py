@@ -16,20 +16,17 @@ test, for example:
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 
 from swarm_workers.config import MCPServerSettings, ToolsSettings
-from swarm_workers.processes import free_port, wait_until
+from swarm_workers.localfleet import McpHttpServer, ProcessGroup, start_mcp_http
+from swarm_workers.localfleet.services import MCP_MODULE
 from swarm_workers.tools.registry import ToolRegistry
 
 __all__ = [
@@ -44,102 +41,17 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULE = "swarm_workers.fakes.mcp_server"
+MODULE = MCP_MODULE
 
-
-@dataclass
-class McpServer:
-    """A fake MCP server process speaking streamable HTTP on 127.0.0.1:`port`."""
-
-    name: str
-    port: int
-    flags: tuple[str, ...]
-    env: dict[str, str]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def settings(self, **overrides: Any) -> MCPServerSettings:
-        return MCPServerSettings(transport="http", url=self.url, **overrides)
-
-    def stats(self) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.base}/_fake/stats", timeout=5).json())
-
-    def count(self, method: str) -> int:
-        return int(self.stats()["counts"].get(method, 0))
-
-    def reset(self) -> None:
-        httpx.post(f"{self.base}/_fake/reset", timeout=5).raise_for_status()
-
-    def add_tool(self, name: str) -> None:
-        httpx.post(f"{self.base}/_fake/tools", json={"name": name}, timeout=5).raise_for_status()
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    MODULE,
-                    "--port",
-                    str(self.port),
-                    "--name",
-                    self.name,
-                    *self.flags,
-                ],
-                env={**os.environ, **self.env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        proc = self.proc
-
-        def answers() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"fake MCP server exited: {self.log.read_text()[-2000:]}")
-            try:
-                return httpx.get(f"{self.base}/_fake/stats", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(answers, 20, f"fake MCP server {self.name}")
-
-    def kill(self) -> None:
-        """SIGKILL: the server vanishes mid-run, as a crashed dependency does."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+# A fake MCP server process speaking streamable HTTP (see swarm_workers.localfleet).
+McpServer = McpHttpServer
 
 
 def spawn_mcp_http(
     *flags: str, name: str = "fake", env: Mapping[str, str] | None = None, log_dir: Path
 ) -> McpServer:
-    """Start a fake server over streamable HTTP on a free port and wait until it answers."""
-    server = McpServer(
-        name=name,
-        port=free_port(),
-        flags=tuple(flags),
-        env=dict(env or {}),
-        log=log_dir / f"mcp-{name}-{os.getpid()}-{free_port()}.log",
-    )
-    server.start()
-    return server
+    """Start a fake server over streamable HTTP on a free port; the caller stops it."""
+    return start_mcp_http(ProcessGroup(log_dir=log_dir), *flags, name=name, env=env)
 
 
 def stdio_settings(
@@ -179,14 +91,15 @@ class McpServers:
     """Starts fake MCP servers for one test and stops them all afterwards."""
 
     tmp_path: Path
-    started: list[McpServer] = field(default_factory=list)
+    group: ProcessGroup = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.group = ProcessGroup(log_dir=self.tmp_path)
 
     def http(
         self, *flags: str, name: str = "fake", env: Mapping[str, str] | None = None
     ) -> McpServer:
-        server = spawn_mcp_http(*flags, name=name, env=env, log_dir=self.tmp_path)
-        self.started.append(server)
-        return server
+        return start_mcp_http(self.group, *flags, name=name, env=env)
 
     def stdio(
         self, *flags: str, stats_dir: Path | None = None, **overrides: Any
@@ -194,8 +107,7 @@ class McpServers:
         return stdio_settings(*flags, stats_dir=stats_dir, **overrides)
 
     def stop_all(self) -> None:
-        for server in self.started:
-            server.stop()
+        self.group.stop_all()
 
 
 @dataclass

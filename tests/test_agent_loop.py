@@ -15,19 +15,29 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 
 from swarm_workers.agent.budget import token_counter
 from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.agent.loop import _run_tool_calls, initial_messages, run_agent
-from swarm_workers.config import Settings, load_settings
+from swarm_workers.config import (
+    ModelLimit,
+    RateLimitSettings,
+    Settings,
+    ToolsSettings,
+    load_settings,
+)
 from swarm_workers.deadline import Deadline
 from swarm_workers.models import AgentTask, ChatMessage, Priority
-from swarm_workers.ratelimit.base import Limiter, Reservation
+from swarm_workers.ratelimit.bucket import TokenBucketLimiter
+from swarm_workers.ratelimit.limiter import Limiter, Reservation
 from swarm_workers.tools.base import LocalToolset, ToolResult, Toolset
+from swarm_workers.tools.registry import ToolRegistry
 
 from .conftest import FakeLLM, spawn_fake_llm
+from .mcp_support import McpServers
 
 MODEL = "fake-gpt"
 SLOW_SPANS: list[tuple[float, float]] = []  # (start, end) of every `slow` tool call
@@ -64,7 +74,9 @@ class _Held:
 class RecordingLimiter:
     ledger: Ledger = field(default_factory=Ledger)
 
-    def acquire(self, model: str, priority: Priority, tokens: int) -> Reservation:
+    def acquire(
+        self, model: str, priority: Priority, tokens: int, deadline: Deadline | None = None
+    ) -> Reservation:
         self.ledger.add("acquire", (model, priority, tokens))
         return _Held(self.ledger)
 
@@ -252,7 +264,6 @@ def test_tool_not_offered_to_the_role_is_refused_to_the_model(fake: FakeLLM) -> 
     role = runtime.settings.role("default")
     answers = _run_tool_calls(
         [call("local__secret", "{}"), call("local__absent", ""), call("local__add", "[1, 2]")],
-        offered,
         role,
         "default",
         runtime,
@@ -397,7 +408,7 @@ def test_the_loop_enforces_the_task_time_limit() -> None:
             None,
             roles={"default": {"tools": ["local__add"]}},
             llm={"base_url": slow.base_url, "model": MODEL, "max_retries": 3},
-            worker={"task_time_limit_s": 2, "visibility_timeout_s": 10},
+            worker={"task_time_limit_s": 2, "visibility_timeout_s": 10, "lease_ttl_s": 2},
         )
         started = time.monotonic()
         outcome = run_agent(_task('CALL local__add {"a": 1, "b": 2}'), _runtime(settings))
@@ -409,3 +420,76 @@ def test_the_loop_enforces_the_task_time_limit() -> None:
     assert "time limit of 2s" in outcome.error.message
     assert outcome.steps == 1  # the first call finished; the second was cut off
     assert elapsed < 2.0 + 1.5, f"the loop ran {elapsed:.1f}s past a 2 s limit"
+
+
+def test_a_bucket_wait_ends_at_the_task_deadline_not_at_max_wait(
+    fake: FakeLLM, redis_conn: redis.Redis
+) -> None:
+    """Issue 13 item 5: a blocked bucket used to hold a 1 s task for `max_wait_s`."""
+    settings = _settings(fake, role={"tools": []})
+    limits = RateLimitSettings(
+        models={MODEL: ModelLimit(rpm=60_000, tpm=60_000)},
+        max_wait_s={Priority.P0: 6.0, Priority.P1: 6.0, Priority.P2: 6.0},
+    )
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        time.sleep(seconds)
+
+    limiter = TokenBucketLimiter(redis_conn, limits, sleep=sleep)
+    limiter.penalize(MODEL, 60.0)  # the provider said 429: every take waits a minute
+    runtime = LoopRuntime(settings, _toolset(), limiter, build_llm_client(settings.llm))
+    deadline = Deadline.start(1.0)
+    started = time.monotonic()
+    outcome = run_agent(_task("REPLY_LEN 3"), runtime, deadline)
+    elapsed = time.monotonic() - started
+
+    assert outcome.error is not None
+    assert outcome.error.type == "TimeLimitExceeded", outcome.error
+    assert "token bucket" in outcome.error.message
+    max_wait = limits.max_wait_s[Priority.P1]
+    assert sum(naps) <= deadline.limit_s  # slept no longer than the deadline allowed
+    assert elapsed < max_wait / 2, f"waited {elapsed:.1f}s of a {max_wait:g}s max wait"
+    assert fake.stats()["requests"] == 0
+
+
+def test_a_tool_that_outlives_the_deadline_is_not_waited_for_past_it(
+    fake: FakeLLM, mcp_servers: McpServers, redis_url: str
+) -> None:
+    """One deadline bounds the tool wait: no grace on top of it in the loop or registry."""
+    server = mcp_servers.http(name="crawl")
+    settings = _settings(fake, role={"tools": ["crawl__*"]})
+    registry = ToolRegistry(
+        ToolsSettings(servers={"crawl": server.settings()}),
+        redis.Redis.from_url(redis_url),
+        redis_url=redis_url,
+    ).start()
+    try:
+        runtime = LoopRuntime(
+            settings, registry, RecordingLimiter(), build_llm_client(settings.llm)
+        )
+        deadline = Deadline.start(1.5)
+        outcome = run_agent(_task('CALL crawl__slow {"seconds": 4}'), runtime, deadline)
+    finally:
+        registry.close()
+    (record,) = outcome.tool_calls
+    assert not record.ok
+    assert record.error is not None and "unavailable" in record.error
+    assert record.latency_s <= deadline.limit_s  # the wait ended with the deadline
+    assert outcome.error is not None and outcome.error.type == "TimeLimitExceeded"
+
+
+def test_the_toolset_alone_caps_output(fake: FakeLLM) -> None:
+    tools = LocalToolset(max_output_chars=300)
+
+    @tools.tool(description="Talk at length.")
+    def ramble(words: int) -> str:
+        return " ".join(["word"] * words)
+
+    settings = _settings(fake, role={"tools": ["local__ramble"]})
+    runtime = LoopRuntime(settings, tools, RecordingLimiter(), build_llm_client(settings.llm))
+    outcome = run_agent(_task('CALL local__ramble {"words": 5000}'), runtime)
+    assert outcome.ok, outcome.error
+    assert outcome.output is not None
+    assert outcome.output.count("[truncated: 24999 characters, limit 300]") == 1

@@ -8,8 +8,6 @@ from the shipped fake MCP server (streamable HTTP) named in swarm.toml as `kb`.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,17 +17,10 @@ import pytest
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
+from swarm_workers.localfleet import ProcessGroup, start_mcp_http
 from swarm_workers.models import TaskResult
 
-from .conftest import (
-    ROOT,
-    FakeLLM,
-    WorkerFactory,
-    WorkerProcess,
-    free_port,
-    spawn_fake_llm,
-    wait_until,
-)
+from .conftest import FakeLLM, WorkerFactory, WorkerProcess, spawn_fake_llm
 
 KEY = "sk-worker-e2e-5f0c2a9b7d1e4c3a"
 SECRET_PROMPT = "Quarterly numbers for project Bluebird"
@@ -52,31 +43,8 @@ def fake(provider: FakeLLM) -> FakeLLM:
 @pytest.fixture(scope="module")
 def mcp_port() -> Iterator[int]:
     """The shipped fake MCP server over streamable HTTP."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "swarm_workers.fakes.mcp_server", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-
-    def answers() -> bool:
-        assert proc.poll() is None, f"fake MCP server exited with {proc.returncode}"
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/_fake/stats", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(answers, 20, "the fake MCP server")
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    with ProcessGroup() as group:
+        yield start_mcp_http(group).port
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +23,9 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from swarm_workers.config import ModelLimit, RateLimitSettings, load_settings
-from swarm_workers.errors import ConfigError, RateLimited
+from swarm_workers.deadline import Deadline
+from swarm_workers.errors import ConfigError, RateLimited, TimeLimitExceeded
+from swarm_workers.localfleet import ProcessGroup, start_redis
 from swarm_workers.models import Priority
 from swarm_workers.ratelimit import (
     Bucket,
@@ -381,6 +382,23 @@ def test_penalize_makes_every_client_back_off(redis_url: str) -> None:
     assert 0.7 < time.monotonic() - started < 2.0
 
 
+def test_the_task_deadline_bounds_the_wait_before_max_wait(redis_conn: redis.Redis) -> None:
+    naps: list[float] = []
+    settings = limits(m=ModelLimit(rpm=60_000, tpm=60_000))
+    limiter = TokenBucketLimiter(redis_conn, settings, sleep=_recording_sleep(naps))
+    limiter.penalize("m", 60.0)
+    deadline = Deadline.start(0.5)
+    with pytest.raises(TimeLimitExceeded, match="waiting for the token bucket"):
+        limiter.acquire("m", Priority.P0, 1, deadline)
+    assert naps  # it did wait...
+    assert sum(naps) <= deadline.limit_s  # ...only as long as the deadline allowed
+    assert sum(naps) < settings.max_wait_s[Priority.P0] / 2
+    naps.clear()
+    with pytest.raises(TimeLimitExceeded):  # an expired deadline does not wait at all
+        limiter.acquire("m", Priority.P0, 1, deadline)
+    assert naps == []
+
+
 def test_a_global_limit_is_shared_by_every_model(redis_conn: redis.Redis) -> None:
     settings = limits(a=ModelLimit(rpm=60_000, tpm=60_000), **{"*": ModelLimit(rpm=600, tpm=1200)})
     limiter = TokenBucketLimiter(redis_conn, settings)
@@ -414,20 +432,15 @@ def test_the_script_runs_on_fakeredis() -> None:
 def cluster(tmp_path: Path) -> Iterator[tuple[RedisCluster, redis.Redis]]:
     """A one-node Redis Cluster: it refuses scripts whose keys span hash slots."""
     port = _cluster_port()
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    proc = subprocess.Popen(
-        [
-            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"),
-            *("--cluster-config-file", str(tmp_path / "nodes.conf"), "--save", ""),
-            *("--appendonly", "no", "--dir", str(tmp_path)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
+    cluster_args = (
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        str(tmp_path / "nodes.conf"),
     )
-    try:
+    with ProcessGroup() as group:
+        start_redis(group, tmp_path, port=port, extra_args=cluster_args)
         node = redis.Redis(port=port)
-        wait_until(lambda: _answers(node), 30, "the cluster node")
         node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         wait_until(
             lambda: b"cluster_state:ok" in node.execute_command("CLUSTER", "INFO"),
@@ -438,9 +451,6 @@ def cluster(tmp_path: Path) -> Iterator[tuple[RedisCluster, redis.Redis]]:
         yield client, node
         client.close()
         node.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _cluster_port() -> int:
@@ -454,13 +464,6 @@ def _cluster_port() -> int:
                 except OSError:
                     continue
             return port
-
-
-def _answers(node: redis.Redis) -> bool:
-    try:
-        return bool(node.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def test_one_call_stays_in_one_hash_slot_on_redis_cluster(

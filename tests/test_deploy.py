@@ -1,33 +1,33 @@
 """The deployment artefacts agree with the code: Dockerfile, compose, Kubernetes, dashboards.
 
-Offline; every test but the last runs in seconds. Kubernetes manifests are rendered with
-`kubectl kustomize` when kubectl is installed, else with a small renderer below that
-knows only what our kustomizations use (it refuses anything else), and validated against
-the Kubernetes JSON schemas that `kubernetes_validate` ships. KEDA's ScaledObject and
-TriggerAuthentication are CRDs with no schema there: `_check_keda` checks their
-structure instead (explicitly, not silently).
+Offline, in seconds. Kubernetes manifests are rendered with `kubectl kustomize` when
+kubectl is installed, else with a small renderer below that knows only what our
+kustomizations use (it refuses anything else), and validated against the Kubernetes
+JSON schemas that `kubernetes_validate` ships (strict; 1.30 and the newest it has).
+KEDA's ScaledObject and the Prometheus Operator's PodMonitor and PrometheusRule are
+CRDs: they are validated against their published schemas, vendored in tests/crds/
+(SOURCES.md), strictly (unknown fields refused).
 
-The last test runs real processes, a redis-server and a `swarm worker`, to show that the
-liveness command (`swarm healthcheck`) passes on a live worker and fails once the broker
-is gone (15-40 s, mostly Python start-up of the worker and of two probe runs).
+Liveness on real processes: tests/test_liveness.py. The scaling formula on a live
+Redis: tests/test_inflight.py.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import typer
 import yaml
@@ -35,21 +35,22 @@ import yaml
 from swarm_workers.cli import app as cli_app
 from swarm_workers.config import Settings, load_settings
 from swarm_workers.models import Priority
-from swarm_workers.queues import ALL_PRIORITIES, queue_name
-
-from .conftest import RedisServer, WorkerFactory, free_port, spawn_redis, wait_until
+from swarm_workers.queues import ALL_PRIORITIES
+from swarm_workers.worker import termination_grace_s
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-DASHBOARD = DEPLOY / "grafana" / "dashboards" / "swarm-workers.json"
+DASHBOARD = K8S / "components" / "monitoring" / "dashboards" / "swarm-workers.json"
+CRDS = Path(__file__).resolve().parent / "crds"
 
-# A version kubernetes_validate ships schemas for (it has 1.33 to 1.37); the oldest one
-# keeps the manifests valid on clusters that are not the newest.
-K8S_VERSION = "1.33.0"
+# The oldest Kubernetes we support and the newest schema kubernetes_validate ships.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
+K8S_VERSION = K8S_VERSIONS[0]
 IMAGE = "swarm-workers"  # the name the manifests use; overlays rewrite it with `images:`
 KEDA_API = "keda.sh/v1alpha1"
+EXPORTER_PORT = 9809
 
 # The metric contract the dashboard is built on (name -> kind, labels).
 METRICS: dict[str, tuple[str, set[str]]] = {
@@ -64,6 +65,14 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "swarm_bucket_wait_seconds": ("histogram", {"model", "priority"}),
     "swarm_llm_429_total": ("counter", {"model"}),
     "swarm_queue_depth": ("gauge", {"role", "priority"}),
+    "swarm_tasks_running": ("gauge", {"role", "priority"}),
+    "swarm_queue_oldest_age_seconds": ("gauge", {"role", "priority"}),
+    "swarm_dead_letters_total": ("counter", {"role", "error"}),
+}
+# Series the alerts use that come from elsewhere: the Redis exporter's.
+ALERT_METRICS = {
+    "redis_memory_used_bytes": ("gauge", set()),
+    "redis_memory_max_bytes": ("gauge", set()),
 }
 
 
@@ -159,7 +168,9 @@ _SUPPORTED_KEYS = {
     "namespace",
     "patches",
     "images",
+    "configMapGenerator",
 }
+_GENERATED = re.compile(r"^(?P<base>.+)-[a-z0-9]{10}$")
 _CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "StorageClass"}
 
 
@@ -173,14 +184,17 @@ def _fallback_render(path: Path) -> list[dict[str, Any]]:
     for entry in kust.get("resources", []):
         target = path / entry
         docs += _fallback_render(target) if target.is_dir() else _load_docs(target)
+    docs += _generate(kust.get("configMapGenerator", []), path, docs)
     for entry in kust.get("components", []):
         component = yaml.safe_load((path / entry / "kustomization.yaml").read_text())
         unsupported = set(component) - _SUPPORTED_KEYS
         assert not unsupported, f"{entry}: the fallback renderer does not support {unsupported}"
         for res in component.get("resources", []):
             docs += _load_docs(path / entry / res)
+        docs += _generate(component.get("configMapGenerator", []), path / entry, docs)
         docs = _apply_patches(docs, component.get("patches", []), path / entry)
     docs = _apply_patches(docs, kust.get("patches", []), path)
+    _rename_config_maps(docs)
     if "namespace" in kust:
         for doc in docs:
             if doc["kind"] == "Namespace":
@@ -195,6 +209,42 @@ def _fallback_render(path: Path) -> list[dict[str, Any]]:
                     tag = image.get("newTag")
                     container["image"] = image.get("newName", name) + (f":{tag}" if tag else "")
     return docs
+
+
+def _generate(
+    generators: list[dict[str, Any]], base: Path, docs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """ConfigMaps from files, named `<name>-<hash of content>` unless told not to, and
+    every configMap volume that names one rewritten (what makes an edit a rollout).
+    The hash is not kustomize's own: `_same_modulo_generated_names` compares around it."""
+    made: list[dict[str, Any]] = []
+    for gen in generators:
+        assert set(gen) <= {"name", "files", "options"}, f"unsupported generator {gen}"
+        assert set(gen.get("options", {})) <= {"labels", "disableNameSuffixHash"}, gen
+        data = {Path(f).name: (base / f).read_text() for f in gen["files"]}
+        name = gen["name"]
+        if not gen.get("options", {}).get("disableNameSuffixHash"):
+            digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+            name = f"{name}-{digest[:10]}"
+        metadata: dict[str, Any] = {"name": name}
+        if gen.get("options", {}).get("labels"):
+            metadata["labels"] = dict(gen["options"]["labels"])
+        made.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    return made
+
+
+def _rename_config_maps(docs: list[dict[str, Any]]) -> None:
+    """Point configMap volumes at the generated names (after patches, as kustomize does)."""
+    generated = {
+        m["base"]: d["metadata"]["name"]
+        for d in _find(docs, "ConfigMap")
+        if (m := _GENERATED.match(d["metadata"]["name"]))
+    }
+    for doc in docs:
+        for volume in (_pod_spec(doc) or {}).get("volumes", []):
+            ref = volume.get("configMap")
+            if ref and ref["name"] in generated:
+                ref["name"] = generated[ref["name"]]
 
 
 def _apply_patches(
@@ -341,11 +391,21 @@ def _worker_deployments(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The generated `swarm-config-<hash>` ConfigMap (configMapGenerator)."""
+    found = [
+        d
+        for d in _find(docs, "ConfigMap")
+        if (m := _GENERATED.match(d["metadata"]["name"])) and m["base"] == "swarm-config"
+    ]
+    assert len(found) == 1, [d["metadata"]["name"] for d in _find(docs, "ConfigMap")]
+    return found[0]
+
+
 def _k8s_settings(
     docs: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Settings:
-    config = _one(docs, "ConfigMap", "swarm-config")
-    return _load_toml_text(config["data"]["swarm.toml"], tmp_path, monkeypatch)
+    return _load_toml_text(_config_map(docs)["data"]["swarm.toml"], tmp_path, monkeypatch)
 
 
 def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -371,58 +431,58 @@ def _pod_labels(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, str]]]:
     ]
 
 
-# --------------------------------------------------------------------------- KEDA (CRDs)
+# --------------------------------------------------------------------------- CRDs
 
-_SCALED_OBJECT_SPEC = {
-    "scaleTargetRef",
-    "minReplicaCount",
-    "maxReplicaCount",
-    "idleReplicaCount",
-    "pollingInterval",
-    "cooldownPeriod",
-    "initialCooldownPeriod",
-    "fallback",
-    "advanced",
-    "triggers",
-}
-_REDIS_TRIGGER_METADATA = {
-    "address",
-    "addressFromEnv",
-    "host",
-    "port",
-    "listName",
-    "listLength",
-    "activationListLength",
-    "databaseIndex",
-    "enableTLS",
-    "unsafeSsl",
-    "usernameFromEnv",
-    "passwordFromEnv",
+_CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_v1alpha1_scaledobject.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_v1_podmonitor.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_v1_prometheusrule.json",
 }
 
 
-def _check_keda(doc: dict[str, Any], docs: list[dict[str, Any]]) -> None:
-    """KEDA CRDs are not in kubernetes_validate: check the structure we rely on."""
-    assert doc["apiVersion"] == KEDA_API, doc["apiVersion"]
-    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
-    spec = doc["spec"]
-    if doc["kind"] == "TriggerAuthentication":
-        assert set(spec) == {"secretTargetRef"}, set(spec)
-        for ref in spec["secretTargetRef"]:
-            assert set(ref) == {"parameter", "name", "key"}, ref
-            assert all(isinstance(v, str) and v for v in ref.values()), ref
+def _strict(schema: Any) -> Any:
+    """The schema with unknown fields refused wherever it lists the known ones (the API
+    server would prune them silently: a typo would vanish)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if (
+            out.get("type") == "object"
+            and "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def _crd_validator(api: str, kind: str) -> jsonschema.Draft4Validator:
+    schema = json.loads((CRDS / _CRD_SCHEMAS[(api, kind)]).read_text())
+    return jsonschema.Draft4Validator(_strict(schema))
+
+
+def _check_crd(doc: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    """A custom resource against its published schema, plus what the schema cannot say."""
+    key = (doc["apiVersion"], doc["kind"])
+    assert key in _CRD_SCHEMAS, f"no vendored schema for {key}"
+    errors = sorted(_crd_validator(*key).iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: " + "; ".join(
+        f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors
+    )
+    if doc["kind"] != "ScaledObject":
         return
-    assert doc["kind"] == "ScaledObject", doc["kind"]
-    assert set(spec) <= _SCALED_OBJECT_SPEC, set(spec) - _SCALED_OBJECT_SPEC
-    assert isinstance(spec["scaleTargetRef"]["name"], str)
+    spec = doc["spec"]
     assert _find(docs, "Deployment", spec["scaleTargetRef"]["name"]), spec["scaleTargetRef"]
     low, high = spec["minReplicaCount"], spec["maxReplicaCount"]
-    assert isinstance(low, int)
-    assert isinstance(high, int)
     assert 0 <= low <= high
-    if "fallback" in spec:
-        assert set(spec["fallback"]) == {"failureThreshold", "replicas"}
-        assert low <= spec["fallback"]["replicas"] <= high
+    # Fallback holds the current size: never a drop to a fixed count while blind.
+    assert spec["fallback"]["behavior"] == "currentReplicas", spec["fallback"]
+    for trigger in spec["triggers"]:
+        # KEDA refuses a fallback unless the trigger's target is an AverageValue.
+        assert trigger["metricType"] == "AverageValue", trigger
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger
     behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
     if behavior is not None:  # the HPA's own schema: validate it as an HPA would be
         hpa = {
@@ -436,42 +496,41 @@ def _check_keda(doc: dict[str, Any], docs: list[dict[str, Any]]) -> None:
             },
         }
         kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
-    assert spec["triggers"], "a ScaledObject needs triggers"
-    for trigger in spec["triggers"]:
-        assert set(trigger) <= {"type", "name", "metadata", "authenticationRef"}, trigger
-        assert trigger["type"] == "redis", trigger["type"]
-        metadata = trigger["metadata"]
-        # KEDA's metadata is map[string]string: a YAML number here is rejected.
-        assert all(isinstance(v, str) for v in metadata.values()), metadata
-        assert set(metadata) <= _REDIS_TRIGGER_METADATA, set(metadata) - _REDIS_TRIGGER_METADATA
-        assert metadata["listName"]
-        assert int(metadata["listLength"]) > 0
-        auth = trigger.get("authenticationRef", {}).get("name")
-        assert auth or "address" in metadata or "addressFromEnv" in metadata, trigger
-        if auth:
-            assert _find(docs, "TriggerAuthentication", auth), f"no TriggerAuthentication {auth}"
 
 
 # --------------------------------------------------------------------------- k8s: schema
 
 
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
 @pytest.mark.parametrize("variant", ["base", "example", "variant"])
 def test_every_manifest_is_valid_for_kubernetes(
-    rendered: dict[str, list[dict[str, Any]]], variant: str
+    rendered: dict[str, list[dict[str, Any]]], variant: str, k8s_version: str
 ) -> None:
     docs = rendered[variant]
     assert docs
     crds = 0
     for doc in docs:
-        if doc["apiVersion"].startswith("keda.sh/"):
-            _check_keda(doc, docs)  # CRD: structural check, not a schema
+        if (doc["apiVersion"], doc["kind"]) in _CRD_SCHEMAS:
+            _check_crd(doc, docs)
             crds += 1
             continue
         try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(doc, k8s_version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{variant}: {doc['kind']}/{doc['metadata']['name']}: {exc.message}")
-    assert crds == len(_find(docs, "ScaledObject")) + len(_find(docs, "TriggerAuthentication"))
+    custom = sum(len(_find(docs, kind)) for _, kind in _CRD_SCHEMAS)
+    assert crds == custom
+
+
+def test_crd_schemas_are_strict() -> None:
+    """The vendored schemas do refuse what a typo would produce."""
+    bad = {
+        "apiVersion": KEDA_API,
+        "kind": "ScaledObject",
+        "metadata": {"name": "x"},
+        "spec": {"scaleTargetRef": {"name": "x"}, "triggers": [], "fallbak": {}},
+    }
+    assert list(_crd_validator(KEDA_API, "ScaledObject").iter_errors(bad))
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
@@ -487,11 +546,26 @@ def test_fallback_renderer_agrees_with_kubectl(tmp_path: Path, variant: str) -> 
     def key(doc: dict[str, Any]) -> tuple[str, str]:
         return doc["kind"], doc["metadata"]["name"]
 
-    ours = sorted(_fallback_render(path), key=key)
-    theirs = sorted(_kubectl_render(path), key=key)
+    ours = sorted(_unhashed(_fallback_render(path)), key=key)
+    theirs = sorted(_unhashed(_kubectl_render(path)), key=key)
     assert [key(d) for d in ours] == [key(d) for d in theirs]
     for mine, real in zip(ours, theirs, strict=True):
         assert mine == real, f"{key(real)} differs from kubectl kustomize"
+
+
+def _unhashed(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The docs with generated ConfigMap names' hash suffix replaced by `-HASH`."""
+    generated = {
+        d["metadata"]["name"]
+        for d in _find(docs, "ConfigMap")
+        if _GENERATED.match(d["metadata"]["name"]) and "-config-" in d["metadata"]["name"]
+    }
+    text = json.dumps(docs)
+    for name in generated:
+        plain = _GENERATED.sub(r"\g<base>-HASH", name)
+        text = text.replace(f'"{name}"', f'"{plain}"')
+    result: list[dict[str, Any]] = json.loads(text)
+    return result
 
 
 @pytest.mark.parametrize("variant", ["example", "variant"])
@@ -537,9 +611,6 @@ def test_references_resolve(rendered: dict[str, list[dict[str, Any]]], variant: 
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref and not ref.get("optional"):
                     assert ref["key"] in secrets.get(ref["name"], {}), f"{where}: {ref}"
-    for auth in _find(docs, "TriggerAuthentication"):
-        for ref in auth["spec"]["secretTargetRef"]:
-            assert ref["key"] in secrets.get(ref["name"], {}), ref
     pods = _pod_labels(docs)
     for kind in ("Service", "PodDisruptionBudget", "NetworkPolicy"):
         for doc in _find(docs, kind):
@@ -565,8 +636,7 @@ def test_example_secrets_hold_no_real_values(rendered: dict[str, list[dict[str, 
     for secret in secrets:
         assert "data" not in secret, "example secrets are plain stringData placeholders"
         for key, value in secret["stringData"].items():
-            if key != "address":  # a host:port, not a secret
-                assert "CHANGE-ME" in value, f"{secret['metadata']['name']}.{key} looks real"
+            assert "CHANGE-ME" in value, f"{secret['metadata']['name']}.{key} looks real"
     assert not _find(rendered["base"], "Secret"), "the base must not ship Secrets"
 
 
@@ -588,47 +658,91 @@ def test_config_map_is_a_valid_swarm_toml(
     assert str(settings.worker.heartbeat_file.parent) == "/tmp"
 
 
-def test_keda_scales_each_pool_on_the_queues_it_consumes(
-    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _pool_concurrency(deployment: dict[str, Any], settings: Settings) -> int:
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    for flag in ("--concurrency", "-n"):
+        if flag in args:
+            return int(args[args.index(flag) + 1])
+    roles, _ = _parse_worker_argv(args)
+    return max(settings.role(r).concurrency for r in roles)
+
+
+def scaled_load(scaled: dict[str, Any]) -> tuple[str, list[Priority], str, int]:
+    """(role, priorities, host, target) of a ScaledObject's metrics-api trigger."""
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "metrics-api", trigger
+    metadata = trigger["metadata"]
+    assert metadata["valueLocation"] == "load"
+    match = re.fullmatch(
+        r"http://(?P<host>[^/:]+):(?P<port>\d+)/load\?role=(?P<role>[a-z0-9_-]+)"
+        r"&priorities=(?P<prios>[p0-2,]+)",
+        metadata["url"],
+    )
+    assert match, metadata["url"]
+    assert int(match["port"]) == EXPORTER_PORT
+    priorities = [Priority(p) for p in match["prios"].split(",")]
+    return match["role"], priorities, match["host"], int(metadata["targetValue"])
+
+
+def replicas_asked(scaled: dict[str, Any], load: int) -> int:
+    """What the HPA behind `scaled` asks for at this load: ceil(load / target), clamped."""
+    _, _, _, target = scaled_load(scaled)
+    spec = scaled["spec"]
+    low, high = int(spec["minReplicaCount"]), int(spec["maxReplicaCount"])
+    return min(high, max(low, math.ceil(load / target)))
+
+
+@pytest.mark.parametrize("variant", ["example", "variant"])
+def test_one_scaled_object_per_pool_on_queued_plus_running(
+    rendered: dict[str, list[dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
 ) -> None:
-    """KEDA's listName values are exactly the Redis lists the pool's worker drains."""
-    docs = rendered["example"]
+    """Each pool scales on (queued + running) / concurrency of lists it drains; each
+    (role, priority) drives exactly one ScaledObject; P0 stays warm."""
+    docs = rendered[variant]
     settings = _k8s_settings(docs, tmp_path, monkeypatch)
+    (namespace,) = _find(docs, "Namespace")
+    owners: dict[tuple[str, Priority], str] = {}
     full_pools: set[str] = set()
-    express: list[str] = []
     for deployment in _worker_deployments(docs):
         name = deployment["metadata"]["name"]
         roles, priorities = _parse_worker_argv(
             deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         )
-        for role in roles:
-            settings.role(role)  # every served role is configured
         scaled = [
             so for so in _find(docs, "ScaledObject") if so["spec"]["scaleTargetRef"]["name"] == name
         ]
         assert len(scaled) == 1, f"{name}: {len(scaled)} ScaledObjects"
-        triggers = scaled[0]["spec"]["triggers"]
-        lists = [t["metadata"]["listName"] for t in triggers]
-        assert sorted(lists) == sorted({queue_name(p, r) for r in roles for p in priorities}), name
+        role, levels, host, target = scaled_load(scaled[0])
+        assert roles == [role], name
+        assert set(levels) <= set(priorities), f"{name} scales on lists it does not drain"
+        assert host == f"swarm-exporter.{namespace['metadata']['name']}.svc.cluster.local"
+        assert target == _pool_concurrency(deployment, settings), name
+        for level in levels:
+            assert (role, level) not in owners, f"{role} {level} drives {owners[(role, level)]}"
+            owners[(role, level)] = name
+        if Priority.P0 in levels:
+            assert scaled[0]["spec"]["minReplicaCount"] >= 1, f"{name}: P0 must stay warm"
         if set(priorities) == set(ALL_PRIORITIES):
-            full_pools.update(roles)
-        if priorities == [Priority.P0]:
-            express.append(name)
-        assert scaled[0]["spec"]["minReplicaCount"] >= 1, f"{name} may scale to zero"
+            full_pools.add(role)
     assert full_pools == set(settings.roles), "every configured role needs a full worker pool"
-    assert express, "an express P0 pool is expected"
+    assert set(owners) == {(r, p) for r in settings.roles for p in ALL_PRIORITIES}
+    if variant == "variant":  # with components/scale-to-zero
+        assert any(so["spec"]["minReplicaCount"] == 0 for so in _find(docs, "ScaledObject"))
 
 
-def test_p0_weighs_most_in_every_scaled_object(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """A lower listLength target means more replicas per waiting task: P0 < P1 < P2."""
-    for scaled in _find(rendered["example"], "ScaledObject"):
-        targets = {
-            t["metadata"]["listName"].split(".", 1)[0]: int(t["metadata"]["listLength"])
-            for t in scaled["spec"]["triggers"]
-        }
-        order = [targets[p.queue_prefix] for p in ALL_PRIORITIES if p.queue_prefix in targets]
-        strictly_rising = all(a < b for a, b in pairwise(order))
-        assert strictly_rising, f"{scaled['metadata']['name']}: listLength by priority {targets}"
+def test_exporter_serves_the_scaled_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The host and port KEDA calls are the exporter's Service and container port."""
+    docs = rendered["example"]
+    service = _one(docs, "Service", "swarm-exporter")
+    assert [p["port"] for p in service["spec"]["ports"]] == [EXPORTER_PORT]
+    exporter = _one(docs, "Deployment", "swarm-exporter")
+    args = _containers(exporter)[0]["args"]
+    assert int(args[args.index("--port") + 1]) == EXPORTER_PORT
+    for scaled in _find(docs, "ScaledObject"):
+        assert scaled_load(scaled)[2].split(".")[0] == service["metadata"]["name"]
 
 
 def test_worker_probes_read_the_heartbeat(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -639,7 +753,8 @@ def test_worker_probes_read_the_heartbeat(rendered: dict[str, list[dict[str, Any
             command = container[probe]["exec"]["command"]
             assert command[:2] == ["swarm", "healthcheck"], (deployment["metadata"]["name"], probe)
             assert "--max-age" in command
-            assert not {"inspect", "celery", "ping"} & set(command)
+            assert not {"inspect", "celery", "ping", "--config", "-c"} & set(command)
+            assert ("--ready" in command) == (probe == "readinessProbe"), probe
             _check_swarm_argv(command[1:], f"{deployment['metadata']['name']} {probe}")
         liveness = container["livenessProbe"]["exec"]["command"]
         assert float(liveness[liveness.index("--max-age") + 1]) == 60
@@ -653,11 +768,17 @@ def test_worker_probes_read_the_heartbeat(rendered: dict[str, list[dict[str, Any
 def test_grace_period_outlasts_the_longest_task(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Grace = task_time_limit_s + the drain margin, from the ConfigMap's swarm.toml; and
+    neither Cluster Autoscaler nor Karpenter evicts a worker to shrink a node pool."""
     docs = rendered["example"]
-    limit = _k8s_settings(docs, tmp_path, monkeypatch).worker.task_time_limit_s
+    grace = termination_grace_s(_k8s_settings(docs, tmp_path, monkeypatch))
     for deployment in _worker_deployments(docs):
-        spec = deployment["spec"]["template"]["spec"]
-        assert spec["terminationGracePeriodSeconds"] > limit, deployment["metadata"]["name"]
+        template = deployment["spec"]["template"]
+        spec = template["spec"]
+        assert spec["terminationGracePeriodSeconds"] == grace, deployment["metadata"]["name"]
+        annotations = template["metadata"]["annotations"]
+        assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        assert annotations["karpenter.sh/do-not-disrupt"] == "true"
         # Replicas belong to KEDA: a `replicas` here would fight the HPA on every apply.
         assert "replicas" not in deployment["spec"]
 
@@ -704,7 +825,7 @@ KEDA_OPERATOR_PEER = {
 
 def test_ingress_stays_inside_the_namespace(rendered: dict[str, list[dict[str, Any]]]) -> None:
     """In the base, every pod is default-deny and only same-namespace pods get in (plus
-    KEDA's operator, to Redis only)."""
+    KEDA's operator, to the exporter's /load only)."""
     docs = rendered["base"]
     policies = _find(docs, "NetworkPolicy")
     for name, labels in _pod_labels(docs):
@@ -715,7 +836,7 @@ def test_ingress_stays_inside_the_namespace(rendered: dict[str, list[dict[str, A
                 assert rule.get("from"), f"{policy['metadata']['name']}: open to everyone"
                 for peer in rule["from"]:
                     if peer == KEDA_OPERATOR_PEER:
-                        assert [p["port"] for p in rule["ports"]] == [6379], rule
+                        assert [p["port"] for p in rule["ports"]] == [EXPORTER_PORT], rule
                         continue
                     assert set(peer) == {"podSelector"}, (
                         f"{policy['metadata']['name']} admits {peer} from outside the namespace"
@@ -735,22 +856,68 @@ def test_ingress_stays_inside_the_namespace(rendered: dict[str, list[dict[str, A
     assert exposed == allowed == {6379, 5555, 9808, 9809}
 
 
+# RFC 5737 documentation ranges: the base's placeholders, which match no real host.
+_PLACEHOLDER_NETS = {"192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"}
+
+
+@pytest.mark.parametrize("variant", ["base", "example", "variant"])
+def test_egress_is_default_deny_and_named(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    """Every pod is egress-default-deny with DNS allowed; no rule opens egress to
+    everyone; workers reach the LLM and MCP CIDRs, which the example overlay sets."""
+    docs = rendered[variant]
+    policies = [p for p in _find(docs, "NetworkPolicy") if "Egress" in p["spec"]["policyTypes"]]
+    for name, labels in _pod_labels(docs):
+        selecting = [p for p in policies if _matches(p["spec"]["podSelector"], labels)]
+        assert selecting, f"{name}: egress is open"
+        dns = [
+            rule
+            for p in selecting
+            for rule in p["spec"].get("egress", [])
+            if {port["port"] for port in rule.get("ports", [])} == {53}
+        ]
+        assert dns, f"{name}: no DNS"
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            assert rule.get("to"), f"{policy['metadata']['name']}: egress to everyone"
+            assert rule.get("ports"), f"{policy['metadata']['name']}: every port"
+            for peer in rule["to"]:
+                assert peer.get("ipBlock", {}).get("cidr") not in ("0.0.0.0/0", "::/0"), peer
+    if variant == "base":
+        return
+    for name in ("worker-egress-llm", "worker-egress-mcp"):
+        (policy,) = [p for p in policies if p["metadata"]["name"] == name]
+        cidrs = {peer["ipBlock"]["cidr"] for r in policy["spec"]["egress"] for peer in r["to"]}
+        assert not cidrs & _PLACEHOLDER_NETS, f"{name}: the overlay must set its CIDRs"
+
+
 def test_redis_persists_and_can_be_swapped_for_a_managed_one(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
     docs = rendered["example"]
     redis_set = _one(docs, "StatefulSet", "redis")
+    for container in _containers(redis_set):  # the password never on an argv
+        argv = [*container.get("command", []), *container.get("args", [])]
+        assert not any("requirepass" in a and "$REDIS_PASSWORD" not in a for a in argv), argv
+        assert not any("$(REDIS_PASSWORD)" in a for a in argv), argv
     conf = _one(docs, "ConfigMap", "redis-config")["data"]["redis.conf"]
     assert re.search(r"^appendonly yes$", conf, re.M)
     assert re.search(r"^maxmemory-policy noeviction$", conf, re.M)
     (claim,) = redis_set["spec"]["volumeClaimTemplates"]
-    mounts = {m["name"]: m["mountPath"] for m in _containers(redis_set)[0]["volumeMounts"]}
+    mounts = {
+        m["name"]: m["mountPath"]
+        for m in redis_set["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
     assert mounts[claim["metadata"]["name"]] == "/data"
     managed = rendered["variant"]
     assert not _find(managed, "StatefulSet")
     assert not _find(managed, "Service", "redis")
     assert _worker_deployments(managed)
-    assert _find(managed, "TriggerAuthentication")
+    (egress,) = [
+        p for p in _find(managed, "NetworkPolicy") if p["metadata"]["name"] == "egress-redis"
+    ]
+    assert all("ipBlock" in peer for rule in egress["spec"]["egress"] for peer in rule["to"])
 
 
 def test_every_worker_pool_has_a_disruption_budget(
@@ -789,11 +956,17 @@ def _compose_settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 def test_deploy_swarm_toml_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _compose_settings(monkeypatch)
-    assert set(settings.roles) == {"research", "summarize", "review"}
-    assert settings.llm.api_key is None, "no key in a committed file"
-    for role in settings.roles.values():
-        for pattern in role.tools:
-            assert pattern.split("__", 1)[0] in settings.tools.servers, pattern
+    demo = load_settings(DEPLOY / "swarm.demo.toml")
+    for config in (settings, demo):
+        assert set(config.roles) == {"research", "summarize", "review"}
+        assert config.llm.api_key is None, "no key in a committed file"
+        for role in config.roles.values():
+            for pattern in role.tools:
+                assert pattern.split("__", 1)[0] in config.tools.servers, pattern
+    assert demo.worker == settings.worker, "one grace period serves both"
+    # The real fleet's file names no demo endpoint.
+    text = (DEPLOY / "swarm.toml").read_text()
+    assert not re.search(r"^[^#]*(fake-llm|mcp-demo)", text, re.M)
 
 
 def test_compose_services_use_one_image_and_real_commands(compose: dict[str, Any]) -> None:
@@ -829,7 +1002,7 @@ def test_compose_has_a_scalable_pool_per_role(
             assert not {"container_name", "ports"} & set(svc), f"{name} cannot --scale"
             test = svc["healthcheck"]["test"]
             assert test[:3] == ["CMD", "swarm", "healthcheck"], name
-            assert _duration_s(svc["stop_grace_period"]) > settings.worker.task_time_limit_s
+            assert _duration_s(svc["stop_grace_period"]) == termination_grace_s(settings)
             assert svc["environment"]["SWARM_WORKER_METRICS_PORT"] == "9808"
     full = {
         r for roles, prios in pools.values() if set(prios) == set(ALL_PRIORITIES) for r in roles
@@ -840,15 +1013,24 @@ def test_compose_has_a_scalable_pool_per_role(
     assert pools["worker-research-express"] == (["research"], [Priority.P0])
 
 
+def _dotenv(path: Path) -> dict[str, str]:
+    lines = [line.split("=", 1) for line in path.read_text().splitlines()]
+    return {k.strip(): v.strip() for k, v in (pair for pair in lines if len(pair) == 2)}
+
+
 def test_compose_runs_a_demo_or_a_real_fleet(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    in_profiles = {name for name, svc in services.items() if svc.get("profiles")}
-    assert in_profiles == {"fake-llm", "mcp-demo"}
-    assert all(services[name]["profiles"] == ["demo"] for name in in_profiles)
+    profiles = {name: svc["profiles"] for name, svc in services.items() if svc.get("profiles")}
+    assert profiles == {
+        "fake-llm": ["demo"],
+        "mcp-demo": ["demo"],
+        "prometheus": ["monitoring"],
+        "grafana": ["monitoring"],
+    }
     for name, svc in _swarm_services(compose).items():
         env = svc["environment"]
-        # No value: taken from the shell or .env when set, absent otherwise.
-        assert env["SWARM_LLM_BASE_URL"] is None, name
+        # Required (${VAR:?...}): without the demo's env file, no fake provider.
+        assert re.fullmatch(r"\$\{SWARM_LLM_BASE_URL:\?.+\}", env["SWARM_LLM_BASE_URL"]), name
         assert env["SWARM_LLM_API_KEY"] is None, name
         assert env["SWARM_CONFIG"] == "/etc/swarm/swarm.toml"
         assert any(v.endswith(":/etc/swarm/swarm.toml:ro") for v in svc["volumes"]), name
@@ -856,13 +1038,37 @@ def test_compose_runs_a_demo_or_a_real_fleet(compose: dict[str, Any]) -> None:
         assert "/tmp" in svc["tmpfs"], name
         assert env["REDIS_URL"].startswith("redis://redis:")
         for dep in svc.get("depends_on", {}):
-            assert dep not in in_profiles, f"{name} depends on a demo-only service"
+            assert dep not in profiles, f"{name} depends on an optional service"
+    demo = _dotenv(DEPLOY / "demo.env")
+    assert demo["COMPOSE_PROFILES"] == "demo"
+    assert demo["SWARM_LLM_BASE_URL"].startswith("http://fake-llm:")
+    assert (ROOT / demo["SWARM_CONFIG_FILE"]).resolve() == (DEPLOY / "swarm.demo.toml").resolve()
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
     assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "noeviction"
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     config = ROOT / services["worker-research"]["volumes"][0].split(":-", 1)[1].split("}", 1)[0]
     assert config.resolve() == (DEPLOY / "swarm.toml").resolve()
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert re.fullmatch(
+        r"\$\{GF_SECURITY_ADMIN_PASSWORD:\?.+\}", grafana["GF_SECURITY_ADMIN_PASSWORD"]
+    )
+
+
+_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def test_every_image_is_pinned_by_digest(
+    compose: dict[str, Any], rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    for name, svc in compose["services"].items():
+        if name not in _swarm_services(compose):
+            assert _DIGEST.search(svc["image"]), f"compose {name}: {svc['image']}"
+    for doc in rendered["variant"]:
+        for container in _containers(doc):
+            if container["image"].rsplit("/", 1)[-1].split(":")[0] != IMAGE:
+                assert _DIGEST.search(container["image"]), container["image"]
 
 
 def test_prometheus_scrapes_every_worker_pool_and_the_exporter(compose: dict[str, Any]) -> None:
@@ -934,10 +1140,10 @@ def test_dashboard_matches_the_metrics_module() -> None:
     """The names, kinds and labels of swarm_workers.metrics are the dashboard's contract."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from swarm_workers import metrics
+    from swarm_workers import exporter, metrics
 
     defined: dict[str, tuple[str, set[str]]] = {}
-    for value in vars(metrics).values():
+    for value in [*vars(metrics).values(), *vars(exporter).values()]:
         if isinstance(value, MetricWrapperBase):
             kind = str(value._type)
             exposed = value._name + ("_total" if kind == "counter" else "")
@@ -951,7 +1157,7 @@ def test_grafana_provisioning_finds_the_dashboard(compose: dict[str, Any]) -> No
     )
     path = provider["providers"][0]["options"]["path"]
     volumes = {v.split(":")[0]: v.split(":")[1] for v in compose["services"]["grafana"]["volumes"]}
-    assert volumes["./deploy/grafana/dashboards"] == path
+    assert (ROOT / next(k for k, v in volumes.items() if v == path)).resolve() == DASHBOARD.parent
     assert volumes["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
     datasource = yaml.safe_load(
         (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
@@ -987,9 +1193,33 @@ def test_dockerfile_is_slim_multistage_nonroot_and_swarm_first() -> None:
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in steps if i == "ARG" and "=" in a}
     froms = [a.split()[0] for i, a in steps if i == "FROM"]
     assert len(froms) >= 2, "multi-stage build"
-    assert {re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], f) for f in froms} == {
-        "python:3.11-slim"
-    }
+    bases = {re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], f) for f in froms}
+    assert len(bases) == 1
+    (base,) = bases
+    assert base.startswith("python:3.11-slim@sha256:"), base
+    assert _DIGEST.search(base), "the base image is pinned by digest"
+    runs = [a for i, a in steps if i == "RUN"]
+    assert not any("pip install --upgrade" in r or "pip install -U" in r for r in runs)
+    installs = [r for r in runs if "pip install" in r]
+    assert "--require-hashes" in installs[0] and "requirements.lock" in installs[0]
+    assert all("--no-deps" in r for r in installs), "nothing resolved outside the lock"
+    copies = [(n, a) for n, (i, a) in enumerate(steps) if i == "COPY"]
+    lock_at = next(n for n, a in copies if "requirements.lock" in a)
+    source_at = next(n for n, a in copies if a.startswith("swarm_workers"))
+    deps_at = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "requirements.lock" in a)
+    assert lock_at < deps_at < source_at, "dependencies are a layer of their own, before source"
+    env = " ".join(a for i, a in steps if i == "ENV")
+    assert "PIP_NO_CACHE_DIR" not in env, "it would defeat the pip cache mount"
+    tiktoken_dirs = set(re.findall(r"TIKTOKEN_CACHE_DIR=(\S+)", env))
+    assert len(tiktoken_dirs) == 1
+    (cache,) = tiktoken_dirs
+    assert not cache.startswith("/tmp"), "an emptyDir/tmpfs over /tmp would hide the encodings"
+    assert any("tiktoken.get_encoding" in r for r in runs), "the encodings are baked in"
+    assert any(f"--from=build {cache}" in a for _, a in copies)
+    lock = (ROOT / "requirements.lock").read_text()
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==\S+ \\$", lock, re.M)
+    assert pins
+    assert lock.count("--hash=sha256:") >= len(pins)
     users = [a for i, a in steps if i == "USER"]
     uid = users[-1].split(":")[0]
     assert uid.isdigit(), "a numeric user: runAsNonRoot can only check a uid"
@@ -1004,7 +1234,7 @@ def test_dockerfile_is_slim_multistage_nonroot_and_swarm_first() -> None:
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     rules = [line for line in ignore if line and not line.startswith("#")]
     assert rules[0] == "*", "allow-list: only what the image needs enters the context"
-    assert {"!pyproject.toml", "!swarm_workers/", "**/.env"} <= set(rules)
+    assert {"!pyproject.toml", "!requirements.lock", "!swarm_workers/", "**/.env"} <= set(rules)
 
 
 # --------------------------------------------------------------------------- docs
@@ -1023,57 +1253,37 @@ def test_deploy_docs_cover_scaling_and_redis_choices() -> None:
         assert needle in text, needle
 
 
-# --------------------------------------------------------------------------- live probe
+# --------------------------------------------------------------------------- monitoring
 
 
-@pytest.fixture
-def probe_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own: the test kills it."""
-    port = free_port()
-    server = RedisServer(
-        url=f"redis://127.0.0.1:{port}/0", port=port, proc=spawn_redis(port, tmp_path), dir=tmp_path
-    )
-    yield server
-    server.stop()
+def test_alerts_use_known_metrics_and_have_a_runbook(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Each alert's series exist (the metric contract, the dead-letter counter, the Redis
+    exporter's) and docs/operations.md explains it under its own heading."""
+    (rule,) = _find(rendered["variant"], "PrometheusRule")
+    known = {**METRICS, **ALERT_METRICS}
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    headings = {h.strip().lower() for h in re.findall(r"^#+ (.+)$", operations, re.M)}
+    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    for alert in alerts:
+        names = re.findall(r"\b((?:swarm|redis)_[a-z0-9_]+)", alert["expr"])
+        assert names, alert["alert"]
+        for token in names:
+            base = re.sub(r"_(bucket|sum|count)$", "", token)
+            assert token in known or base in known, f"{alert['alert']}: unknown {token}"
+        assert alert["alert"].lower() in headings, f"docs/operations.md: no ## {alert['alert']}"
+        anchor = alert["annotations"]["runbook_url"].rsplit("#", 1)[1]
+        assert anchor == alert["alert"].lower()
+    assert len(alerts) >= 7
 
 
-def test_healthcheck_follows_the_worker_heartbeat(probe_redis: RedisServer, tmp_path: Path) -> None:
-    """The liveness command passes on a live worker and fails once the broker is gone."""
-    workers = WorkerFactory(
-        redis_url=probe_redis.url, tmp_path=tmp_path, env={"SWARM_WORKER_HEARTBEAT_INTERVAL_S": "1"}
-    )
-    try:
-        worker = workers(concurrency=2)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SWARM_")}
-        env.update(REDIS_URL=probe_redis.url, SWARM_WORKER_HEARTBEAT_FILE=str(worker.heartbeat))
-
-        def healthcheck(max_age: float) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "swarm_workers.cli",
-                    "healthcheck",
-                    "--max-age",
-                    str(max_age),
-                ],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-
-        time.sleep(3)  # older than --max-age unless the worker keeps touching it
-        fresh = healthcheck(3)
-        assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-
-        probe_redis.stop()  # the broker dies; the worker process lives on
-        wait_until(
-            lambda: time.time() - worker.heartbeat.stat().st_mtime > 4, 30, "a stale heartbeat"
-        )
-        stale = healthcheck(3)
-        assert stale.returncode == 1, stale.stdout + stale.stderr
-        assert "unhealthy" in stale.stdout + stale.stderr
-        assert worker.proc.poll() is None, "the worker should still be running (reconnecting)"
-    finally:
-        workers.stop_all()
+def test_dashboard_config_map_is_the_compose_dashboard(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    (config,) = [
+        d
+        for d in _find(rendered["variant"], "ConfigMap")
+        if "grafana_dashboard" in d["metadata"].get("labels", {})
+    ]
+    assert config["data"] == {DASHBOARD.name: DASHBOARD.read_text()}

@@ -6,9 +6,6 @@ import asyncio
 import json
 import math
 import random
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ import pytest
 from openai import OpenAI
 
 from swarm_workers.fakes.llm_server import LognormalLatency, UniformLatency, main
+from swarm_workers.localfleet import ProcessGroup, start_fake_llm
 
 KEY = "sk-fake-test"
 REPO = Path(__file__).resolve().parents[1]
@@ -59,44 +57,15 @@ class Fake:
         httpx.post(f"{self.base_url}/_fake/faults", json=spec).raise_for_status()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def start_fake() -> Iterator[Any]:
-    """Start servers as separate processes; every one is terminated at module end."""
-    procs: list[subprocess.Popen[bytes]] = []
+    """Start servers as separate processes; every one is stopped at module end."""
+    with ProcessGroup() as group:
 
-    def start(*flags: str) -> Fake:
-        port = _free_port()
-        cmd = [sys.executable, "-m", "swarm_workers.fakes.llm_server", "--port", str(port)]
-        proc = subprocess.Popen([*cmd, "--api-key", KEY, *flags], cwd=REPO)
-        procs.append(proc)
-        fake = Fake(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"fake server exited with {proc.returncode}"
-            try:
-                headers = {"Authorization": f"Bearer {KEY}"}
-                if httpx.get(f"{fake.base_url}/v1/models", headers=headers).status_code == 200:
-                    return fake
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise AssertionError("fake server did not answer /v1/models in 20 s")
+        def start(*flags: str) -> Fake:
+            return Fake(start_fake_llm(group, "--api-key", KEY, *flags).root)
 
-    yield start
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        yield start
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,9 @@ def member(argv: Sequence[str]) -> None:
     limiter = TokenBucketLimiter(redis.Redis.from_url(url), limits)
     llm = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
     priority, pause = Priority(level), float(pause_s)
-    until = float(start_at) + float(run_s)
+    # A member that is ready late (its imports took long on a loaded machine) still runs
+    # for run_s: a deadline fixed before the imports could pass before its first request.
+    until = max(float(start_at), time.time()) + float(run_s)
     records: list[dict[str, object]] = []
     lock = threading.Lock()
 

@@ -7,14 +7,11 @@ Sleeps are recorded (and really taken, they are short) to check the policy's del
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -30,75 +27,21 @@ from swarm_workers.agent.llm import (
 )
 from swarm_workers.config import LLMSettings
 from swarm_workers.errors import ProviderError, ProviderRejected, ProviderUnavailable
+from swarm_workers.localfleet import FakeProvider, ProcessGroup, free_port, start_fake_llm
 from swarm_workers.models import Priority
 
-from .conftest import ROOT, free_port, wait_until
 from .test_agent_loop import RecordingLimiter
 
 KEY = "sk-retry-test-abcdef0123456789"
 
 
-@dataclass
-class KeyedFake:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def reset(self) -> None:
-        httpx.post(f"http://127.0.0.1:{self.port}/_fake/reset", timeout=5).raise_for_status()
-
-    def fault(self, **spec: Any) -> None:
-        url = f"http://127.0.0.1:{self.port}/_fake/faults"
-        httpx.post(url, json=spec, timeout=5).raise_for_status()
-
-    def stats(self) -> dict[str, Any]:
-        return dict(httpx.get(f"http://127.0.0.1:{self.port}/_fake/stats", timeout=5).json())
+KeyedFake = FakeProvider
 
 
 @pytest.fixture(scope="module")
 def keyed() -> Iterator[KeyedFake]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "swarm_workers.fakes.llm_server",
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-            "--latency-ms",
-            "2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    fake = KeyedFake(proc, port)
-
-    def answers() -> bool:
-        assert proc.poll() is None, f"fake provider exited with {proc.returncode}"
-        try:
-            headers = {"Authorization": f"Bearer {KEY}"}
-            return (
-                httpx.get(f"{fake.base_url}/models", headers=headers, timeout=1).status_code == 200
-            )
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(answers, 20, "the keyed fake provider")
-        yield fake
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    with ProcessGroup() as group:
+        yield start_fake_llm(group, "--api-key", KEY, "--latency-ms", "2")
 
 
 @pytest.fixture

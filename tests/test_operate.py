@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -13,8 +11,9 @@ import pytest
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
+from swarm_workers.localfleet import ManagedProcess, child_env
 
-from .conftest import ROOT, FakeLLM, WorkerFactory, free_port, wait_until
+from .conftest import FakeLLM, WorkerFactory, free_port, wait_until
 
 
 @pytest.fixture
@@ -31,23 +30,10 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "swarm_workers.cli", *args],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+def _spawn(args: list[str], env: dict[str, str]) -> ManagedProcess:
+    """`swarm <args>` with only `env` on top of the harness's allowlist; `.stop()` ends it."""
+    argv = (sys.executable, "-m", "swarm_workers.cli", *args)
+    return ManagedProcess(args[0], argv, env=child_env(env)).start()
 
 
 def test_worker_metrics_move_after_a_task(
@@ -96,7 +82,7 @@ def test_exporter_reports_queue_depth(redis_url: str, client: SwarmClient) -> No
 
         wait_until(lambda: depth() == 3.0, 20, "the exporter to report 3 queued P2 tasks")
     finally:
-        _stop(proc)
+        proc.stop(grace=15)
 
 
 def test_flower_shows_a_task_with_redacted_args(
@@ -134,4 +120,4 @@ def test_flower_shows_a_task_with_redacted_args(
         assert "role=default" in str(task["args"])
         assert "confidential" not in str(task["args"])
     finally:
-        _stop(proc)
+        proc.stop(grace=15)

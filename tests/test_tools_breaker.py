@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from swarm_workers.config import BreakerSettings
 from swarm_workers.metrics import REGISTRY
@@ -148,3 +149,24 @@ def test_failures_outside_the_window_expire(redis_conn: redis.Redis) -> None:
     time.sleep(0.4)
     _fail(breaker, "s", 1)
     assert breaker.state("s").state == "closed"
+
+
+def test_a_breakers_keys_share_one_hash_slot(breakers: Pair, redis_conn: redis.Redis) -> None:
+    """The script touches all three keys: on Redis Cluster they must sit in one slot."""
+    a, _ = breakers
+    _fail(a, "docs", 1)
+    keys = [k.decode() for k in redis_conn.keys("*breaker*")]
+    assert keys == ["{swarm:breaker:docs}:failures"]
+    assert len({key_slot(k.encode()) for k in a._keys("docs")}) == 1
+
+
+def test_release_frees_the_probe_and_judges_nothing(breakers: Pair) -> None:
+    a, b = breakers
+    _fail(a, "s", 3)
+    time.sleep(FAST.cooldown_s + 0.05)
+    probe = a.allow("s")
+    assert probe.is_probe
+    a.release(probe)  # the call never went out
+    state = b.state("s")
+    assert (state.state, state.probe_pending) == ("half_open", False)
+    assert b.allow("s").is_probe  # another worker may probe at once

@@ -11,7 +11,7 @@ import pytest
 
 from swarm_workers.config import BreakerSettings
 from swarm_workers.errors import ToolUnavailable
-from swarm_workers.processes import wait_until
+from swarm_workers.localfleet import wait_until
 from tests.mcp_support import (
     McpServers,
     RegistryFactory,

@@ -17,10 +17,10 @@ from swarm_workers.errors import (
     ToolUnavailable,
     UnknownTool,
 )
-from swarm_workers.processes import wait_until
+from swarm_workers.localfleet import wait_until
 from swarm_workers.tools.base import Toolset
+from swarm_workers.tools.config_watch import config_file_servers
 from swarm_workers.tools.listing import openai_name
-from swarm_workers.tools.registry import config_file_servers
 from tests.conftest import write_toml
 from tests.mcp_support import (
     McpServers,
@@ -68,6 +68,7 @@ def test_specs_are_openai_functions_mapped_back_to_the_real_tool(
         "search__add",
         "search__fail",
         "search__grow",
+        "search__huge",
         "search__search",
         "search__slow",
     }
@@ -124,7 +125,7 @@ def test_many_workers_booting_together_list_once(
         t.start()
     for t in threads:
         t.join()
-    assert all(len(r.specs(["*"])) == 10 for r in built)
+    assert all(len(r.specs(["*"])) == 12 for r in built)
     assert modern.count("tools/list") == 1
     assert legacy.count("tools/list") == 1
     assert modern.count("resources/list") == 1
@@ -236,7 +237,7 @@ def test_server_added_to_config_is_picked_up_without_restart(
 def test_paginated_listing_is_walked(mcp_servers: McpServers, registries: RegistryFactory) -> None:
     server = mcp_servers.http("--page-size", "2")
     registry = registries({"p": server.settings()})
-    assert len(registry.specs(["p__*"])) == 5
+    assert len(registry.specs(["p__*"])) == 6
     assert server.count("tools/list") == 3
 
 

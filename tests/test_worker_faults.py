@@ -7,6 +7,7 @@ window to kill or stop the worker while the task runs.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .conftest import FakeLLM, WorkerFactory, spawn_fake_llm, wait_until
 pytestmark = pytest.mark.slow
 
 # Short enough for a test; the production default is an hour (see README).
-WORKER = {"visibility_timeout_s": 8, "task_time_limit_s": 7}
+WORKER = {"visibility_timeout_s": 8, "task_time_limit_s": 7, "lease_ttl_s": 2}
 
 
 @pytest.fixture
@@ -77,3 +78,38 @@ def test_sigterm_finishes_the_running_task_and_exits_zero(
     assert waiting.status().state is TaskState.QUEUED
     assert redis_conn.llen("p1.default") == 1
     assert redis_conn.hlen("unacked") == 0
+
+
+def test_a_poison_task_dies_alone(
+    redis_url: str, swarm_config: object, start_worker: WorkerFactory, fake_llm: FakeLLM
+) -> None:
+    """A task that kills whatever process runs it costs its neighbours one run, not
+    their lives: after the first crash every suspect runs in a child process, the
+    poison is given up after max_attempts runs, and the innocents succeed."""
+    # Room for a child process's start inside the deadline on a loaded machine.
+    worker_settings = {"visibility_timeout_s": 16, "task_time_limit_s": 15, "lease_ttl_s": 2}
+    config: Path = swarm_config(roles={"default": {"concurrency": 4}}, worker=worker_settings)  # type: ignore[operator]
+    start_worker.env.update({"SWARM_LLM_BASE_URL": fake_llm.base_url, "SWARM_FAILPOINTS": "crash"})
+    with SwarmClient(settings=load_settings(config, redis_url=redis_url)) as client:
+        innocents = [client.submit(f"innocent {i}", priority="P1") for i in range(3)]
+        poison = client.submit("poison", priority="P1", metadata={"failpoint": "crash"})
+        crashes = 0
+        worker = start_worker(config=config, concurrency=4)
+        deadline = time.monotonic() + 120
+        handles = [*innocents, poison]
+        while time.monotonic() < deadline:
+            if all(h.status().state in (TaskState.SUCCEEDED, TaskState.FAILED) for h in handles):
+                break
+            if worker.proc.poll() is not None:  # what a supervisor does: start another
+                crashes += 1
+                worker = start_worker(config=config, concurrency=4)
+            time.sleep(0.2)
+        results = [h.result(timeout=1) for h in handles]
+    assert crashes == 1  # the first run of the poison; after that it ran in child processes
+    for result in results[:3]:
+        assert result.ok, result.error
+        assert result.attempts in (1, 2)  # cut short once if it had begun beside the poison
+    assert not results[3].ok
+    assert results[3].error is not None
+    assert results[3].error.type == "TooManyAttempts"
+    assert results[3].attempts == 4

@@ -26,8 +26,10 @@ import email.utils
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -50,7 +52,7 @@ from swarm_workers.errors import (
 )
 from swarm_workers.metrics import LLM_429
 from swarm_workers.models import Priority
-from swarm_workers.ratelimit.base import Limiter
+from swarm_workers.ratelimit.limiter import Limiter, Reservation
 
 __all__ = [
     "ChatRequest",
@@ -226,18 +228,24 @@ def complete(
     for attempt in range(policy.max_retries + 1):
         if deadline is not None:
             deadline.check("waiting to call the model")
-        reservation = limiter.acquire(request.model, request.priority, reserve)
+        reservation = limiter.acquire(request.model, request.priority, reserve, deadline)
         started = time.monotonic()
         hint: float | None = None
         try:
-            response = client.chat.completions.create(
-                model=request.model,
-                messages=request.messages,
-                tools=request.tools if request.tools else openai.omit,
-                max_tokens=request.max_tokens,
-                # Never wait on the provider past the task's own time limit.
-                timeout=_capped(client.timeout, deadline) if deadline else openai.NOT_GIVEN,
+            response = _abandonable(
+                lambda: client.chat.completions.create(
+                    model=request.model,
+                    messages=request.messages,
+                    tools=request.tools if request.tools else openai.omit,
+                    max_tokens=request.max_tokens,
+                    # Never wait on the provider past the task's own time limit.
+                    timeout=_capped(client.timeout, deadline) if deadline else openai.NOT_GIVEN,
+                ),
+                deadline,
+                reservation,
             )
+        except _Abandoned as exc:  # its reservation is settled when the call ends
+            raise exc.reason from None
         except openai.APIStatusError as exc:
             reservation.cancel()
             status = exc.status_code
@@ -286,6 +294,60 @@ def complete(
     raise ProviderUnavailable(
         f"{failure} (gave up after {policy.max_retries + 1} attempts)", status=status
     )
+
+
+class _Abandoned(Exception):
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
+
+
+_CALLS: ThreadPoolExecutor | None = None
+_CALLS_LOCK = threading.Lock()
+
+
+def _calls() -> ThreadPoolExecutor:
+    """The threads model calls run on, so the task's thread can stop waiting for one.
+    Threads are made as calls need them and reused: as many as calls in flight."""
+    global _CALLS
+    with _CALLS_LOCK:
+        if _CALLS is None:
+            _CALLS = ThreadPoolExecutor(max_workers=8192, thread_name_prefix="swarm-llm")
+        return _CALLS
+
+
+def _abandonable(
+    call: Callable[[], ChatCompletion], deadline: Deadline | None, reservation: Reservation
+) -> ChatCompletion:
+    """`call()`, abandoned the moment the task's deadline is stopped (cancelled, or its
+    lease lost): the task goes on at once while the call ends on its own, and what it
+    used is then reconciled with the bucket (or its reservation given back)."""
+    if deadline is None:
+        return call()
+    future = _calls().submit(call)
+    ended = threading.Event()
+    future.add_done_callback(lambda _: ended.set())
+    deadline.on_stop(ended.set)
+    ended.wait()
+    if future.done():
+        return future.result()
+    future.add_done_callback(lambda done: _settle(done, reservation))
+    reason = deadline.stopped
+    assert reason is not None  # only a stop wakes us before the call ends
+    raise _Abandoned(reason)
+
+
+def _settle(done: Future[ChatCompletion], reservation: Reservation) -> None:
+    """Reconcile an abandoned call's reservation once the call ends."""
+    try:
+        usage = done.result().usage
+    except BaseException:
+        reservation.cancel()
+        return
+    if usage is None:
+        reservation.cancel()
+    else:
+        reservation.reconcile(usage.prompt_tokens + usage.completion_tokens)
 
 
 def _capped(timeout: float | httpx2.Timeout | None, deadline: Deadline) -> httpx2.Timeout:

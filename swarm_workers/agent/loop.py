@@ -69,8 +69,8 @@ from swarm_workers.models import (
     ToolCallRecord,
     Usage,
 )
-from swarm_workers.ratelimit.base import Limiter
-from swarm_workers.tools.base import Toolset, ToolSpec, validate_arguments
+from swarm_workers.ratelimit.limiter import Limiter
+from swarm_workers.tools.base import Toolset, ToolSpec
 
 __all__ = ["TOOL_THREADS", "AgentOutcome", "AgentRuntime", "initial_messages", "run_agent"]
 
@@ -79,8 +79,6 @@ log = logging.getLogger(__name__)
 # Threads per process for the 2nd..nth tool call of one model turn (the 1st runs in the
 # task's own thread). Bounded so a swarm of parallel calls cannot exhaust the process.
 TOOL_THREADS = 32
-# Extra wait beyond the tool timeout before the loop stops waiting for a tool thread.
-_TOOL_GRACE_S = 5.0
 
 
 class AgentRuntime(Protocol):
@@ -156,7 +154,6 @@ def run_agent(
     try:
         role = settings.role(task.role)
         specs = runtime.tools.specs(role.tools) if role.tools else []
-        offered = {spec.name: spec for spec in specs}
         tools: list[ChatCompletionToolUnionParam] = [_tool_param(spec) for spec in specs]
         messages = initial_messages(_system_prompt(role, runtime.tools), task)
         counter = token_counter(model)
@@ -202,9 +199,7 @@ def run_agent(
                 stop = "max_steps"
                 break
             messages.append(_assistant_turn(message))
-            answers = _run_tool_calls(
-                message.tool_calls, offered, role, task.role, runtime, deadline
-            )
+            answers = _run_tool_calls(message.tool_calls, role, task.role, runtime, deadline)
             for record, tool_message in answers:
                 tally.tools.append(record)
                 messages.append(tool_message)
@@ -322,7 +317,6 @@ _Answer = tuple[ToolCallRecord, ChatCompletionToolMessageParam]
 
 def _run_tool_calls(
     calls: Sequence[ChatCompletionMessageToolCallUnion],
-    offered: dict[str, ToolSpec],
     role: RoleSettings,
     role_name: str,
     runtime: AgentRuntime,
@@ -331,41 +325,40 @@ def _run_tool_calls(
     """Every call's record and tool message, in the model's order; never raises ToolError.
 
     The first call runs in this thread, the others in the process's tool pool, so one
-    turn's calls overlap and a single call costs no thread hand-off.
+    turn's calls overlap and a single call costs no thread hand-off. The turn ends at
+    `call_timeout_s` or the task's deadline, whichever is first; a call that starts late
+    (the pool was busy) gets only what is left, and nothing waits past that.
     """
-    timeout = max(0.001, min(runtime.settings.tools.call_timeout_s, deadline.remaining()))
-    limit = runtime.settings.tools.max_output_chars
+    turn = Deadline.start(deadline.cap(runtime.settings.tools.call_timeout_s))
 
     def one(call: ChatCompletionMessageToolCallUnion) -> _Answer:
-        return _call_tool(call, offered, role.tools, role_name, runtime.tools, timeout, limit)
+        return _call_tool(call, role.tools, role_name, runtime.tools, turn)
 
     pending: list[Future[_Answer]] = [_tool_pool().submit(one, call) for call in calls[1:]]
     answers = [one(calls[0])]
     for call, future in zip(calls[1:], pending, strict=True):
         try:
-            answers.append(future.result(timeout=timeout + _TOOL_GRACE_S))
+            answers.append(future.result(timeout=max(0.0, turn.remaining())))
         except FutureTimeout:
             future.cancel()  # if it has not started yet, it never will: no late side effect
             name = call.function.name if call.type == "function" else call.custom.name
-            late = ToolUnavailable(name, "?", f"no answer within {timeout:.0f}s")
-            answers.append(_failure(call.id, name, _raw_arguments(call), 0.0, late))
+            late = ToolUnavailable(name, "?", f"no answer within {turn.limit_s:.0f}s")
+            answers.append(_failure(call.id, name, _raw_arguments(call), turn.limit_s, late))
     return answers
 
 
 def _call_tool(
     call: ChatCompletionMessageToolCallUnion,
-    offered: dict[str, ToolSpec],
     allowed: Sequence[str],
     role_name: str,
     tools: Toolset,
-    timeout: float,
-    limit: int,
+    turn: Deadline,
 ) -> _Answer:
     """One call's record and tool message; every ToolError becomes the message.
 
-    A name outside this turn's offer still goes to the toolset, with the role's
-    allowlist: the toolset refuses it (ToolNotAllowed, UnknownTool) or, for a tool the
-    registry learned since the offer was made, runs it.
+    The toolset owns what a call must pass (the role's allowlist, the argument schema,
+    the output cap): the loop only turns the model's text into an object and hands it
+    on, so a tool the registry learned since the offer was made still runs.
     """
     name = call.function.name if call.type == "function" else call.custom.name
     raw = _raw_arguments(call)
@@ -374,19 +367,18 @@ def _call_tool(
         if call.type != "function":
             raise UnknownTool(name)  # free-form "custom" tools are never offered
         arguments = _parse_arguments(name, raw)
-        spec = offered.get(name)
-        if spec is not None:
-            validate_arguments(name, spec.parameters, arguments)
-        result = tools.call(name, arguments, timeout=timeout, allowed=allowed, role=role_name)
-        content = result.content
+        timeout = turn.remaining()
+        if timeout <= 0:
+            raise ToolUnavailable(name, "?", "no time left in this turn")
+        content = tools.call(
+            name, arguments, timeout=timeout, allowed=allowed, role=role_name
+        ).content
     except ToolError as exc:
         return _failure(call.id, name, raw, time.monotonic() - started, exc)
     except Exception as exc:  # a toolset bug: logged for us, reported to the model
         log.exception("tool %s raised %s, not a ToolError", name, type(exc).__name__)
         failed = ToolError(name, f"the tool failed unexpectedly ({type(exc).__name__})")
         return _failure(call.id, name, raw, time.monotonic() - started, failed)
-    if len(content) > limit:
-        content = content[:limit] + f"\n[truncated: {len(content)} characters, limit {limit}]"
     record = ToolCallRecord(
         name=name, arguments=raw, latency_s=round(time.monotonic() - started, 6), ok=True
     )

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from swarm_workers.cancellation import Canceller, CancelReport
 from swarm_workers.dag.outcome import NodeState, Outcome, blocked
 from swarm_workers.dag.store import DagRecord, DagStore
 from swarm_workers.errors import ResultTimeout
@@ -23,7 +24,7 @@ from swarm_workers.results import ResultStore
 
 __all__ = ["DagHandle", "DagState", "DagStatus", "NodeStatus"]
 
-DagState = Literal["running", "succeeded", "failed"]
+DagState = Literal["running", "succeeded", "failed", "cancelled"]
 
 
 class NodeStatus(BaseModel):
@@ -47,9 +48,10 @@ class NodeStatus(BaseModel):
 class DagStatus(BaseModel):
     """The whole DAG at one moment.
 
-    `state` is `running` until every node is done, failed or skipped; then `failed` if
-    a node failed under `on_failure: fail` (or downstream of one), else `succeeded`
-    (failures under `skip` and the nodes they skipped do not fail the DAG).
+    `state` is `running` until every node is done, failed, skipped or cancelled; then
+    `failed` if a node failed under `on_failure: fail` (or downstream of one), else
+    `cancelled` if a node was cancelled, else `succeeded` (failures under `skip` and the
+    nodes they skipped do not fail the DAG).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -94,17 +96,32 @@ class DagHandle:
     >>> client.dag(dag.id).status()                 # doctest: +SKIP
     """
 
-    def __init__(self, record: DagRecord, store: DagStore, results: ResultStore) -> None:
+    def __init__(
+        self, record: DagRecord, store: DagStore, results: ResultStore, canceller: Canceller
+    ) -> None:
         self.record = record
         self._store = store
         self._results = results
+        self._canceller = canceller
         self._recorded: dict[str, TaskResult] = {}  # results never change once stored
 
     @classmethod
-    def attach(cls, dag_id: str, store: DagStore, results: ResultStore) -> DagHandle:
+    def attach(
+        cls, dag_id: str, store: DagStore, results: ResultStore, canceller: Canceller
+    ) -> DagHandle:
         """A handle for a DAG submitted earlier, maybe by another process
         (`SwarmClient.dag(dag_id)` calls this)."""
-        return cls(store.record(dag_id), store, results)
+        return cls(store.record(dag_id), store, results, canceller)
+
+    def cancel(self) -> dict[str, CancelReport]:
+        """Cancel every node not yet done: queued nodes never run, running ones stop at
+        their next step, and the chords waiting on them still complete."""
+        status = self.status()
+        return {
+            node: self._canceller.cancel(found.task_id, known=True)
+            for node, found in status.nodes.items()
+            if not found.state.terminal
+        }
 
     @property
     def id(self) -> str:
@@ -144,7 +161,7 @@ class DagHandle:
         for node, spec in self.record.nodes.items():  # topological: deps come first
             result = self._recorded.get(spec.task_id)
             stop = blocked([(dep, outcomes[dep]) for dep in spec.deps])
-            if result is not None and (result.ok or stop is None):
+            if result is not None and (result.ok or result.was_cancelled or stop is None):
                 outcome = Outcome.of_result(node, result, spec.on_failure)
             elif stop is not None:
                 outcome = stop
@@ -165,8 +182,12 @@ class DagHandle:
             )
         state: DagState = "running"
         if all(o.state.terminal for o in outcomes.values()):
-            fatal = any(o.fatal for o in outcomes.values())
-            state = "failed" if fatal else "succeeded"
+            if any(o.fatal for o in outcomes.values()):
+                state = "failed"
+            elif any(o.state is NodeState.CANCELLED for o in outcomes.values()):
+                state = "cancelled"
+            else:
+                state = "succeeded"
         return DagStatus(dag_id=self.id, name=self.record.name, state=state, nodes=nodes)
 
     def __repr__(self) -> str:

@@ -5,9 +5,9 @@ as failed or skipped, without calling the model); `DagHandle.status()` applies i
 nodes that have not run yet, so a doomed node shows as failed or skipped the moment
 its upstream fails instead of when its turn comes.
 
-Rule: a node with a failed or skipped dep is *blocked*. It is `failed` if any such dep
-failed fatally (an own failure under `on_failure: fail`, or itself blocked-failed),
-else `skipped`. Its reason names the node where the failure started:
+Rule: a node with a failed, skipped or cancelled dep is *blocked*. It is `failed` if
+any such dep failed fatally (an own failure under `on_failure: fail`, or itself
+blocked-failed), else `skipped`. Its reason names the node where the failure started:
 `upstream node 'a' failed: ContextOverflow: ...`.
 
 >>> a = Outcome.of_result("a", failed_result, policy="skip")      # doctest: +SKIP
@@ -36,10 +36,11 @@ class NodeState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
+    CANCELLED = "cancelled"
 
     @property
     def terminal(self) -> bool:
-        return self in (NodeState.DONE, NodeState.FAILED, NodeState.SKIPPED)
+        return self not in (NodeState.PENDING, NodeState.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Outcome:
         """The outcome a recorded result stands for (blocked results keep their text)."""
         if result.ok:
             return cls(NodeState.DONE)
+        if result.status == "cancelled":
+            return cls(NodeState.CANCELLED, "cancelled", origin=node)
         kind = result.error.type if result.error else "Failed"
         message = result.error.message if result.error else "failed"
         if kind == UPSTREAM_FAILED:
@@ -75,6 +78,8 @@ class Outcome:
 
     def downstream_reason(self, node: str) -> str:
         """Why a node downstream of `node` (which has this outcome) is blocked."""
+        if self.origin == node and self.state is NodeState.CANCELLED:
+            return f"upstream node {node!r} was cancelled"
         if self.origin == node:
             return f"upstream node {node!r} failed: {self.reason}"
         return self.reason or f"upstream node {node!r} did not succeed"
@@ -82,7 +87,8 @@ class Outcome:
 
 def blocked(deps: Sequence[tuple[str, Outcome]]) -> Outcome | None:
     """The outcome of a node whose deps have these outcomes, or None if it may run."""
-    bad = [(node, o) for node, o in deps if o.state in (NodeState.FAILED, NodeState.SKIPPED)]
+    stopped = (NodeState.FAILED, NodeState.SKIPPED, NodeState.CANCELLED)
+    bad = [(node, o) for node, o in deps if o.state in stopped]
     if not bad:
         return None
     fatal = [(node, o) for node, o in bad if o.fatal]

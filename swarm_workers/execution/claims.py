@@ -14,6 +14,10 @@ at the start of a run and one at its end:
 - `finish`: store the outcome (put-if-absent), forget the run count, release the lease.
 - `abandon`: a run stopped by a Redis or broker fault gives its count back, so a blip
   never costs a task an attempt; only a run cut short by a dying worker does.
+- cancels: `begin` answers "cancelled" for a task cancelled before it ran; a running
+  one hears of its cancel on the `<prefix>:cancels` channel at once (or, if that
+  message was lost, at its next renewal), and its deadline is stopped with
+  `TaskCancelled`, so the loop ends at its next step or tool call boundary.
 
 >>> claims = Claims(redis.Redis(), Keys("swarm"), lease_ttl_s=30, result_ttl_s=86400,
 ...                 attempts_ttl_s=14400)                        # doctest: +SKIP
@@ -33,7 +37,7 @@ from typing import Literal
 import redis
 
 from swarm_workers.deadline import Deadline
-from swarm_workers.errors import LeaseLost
+from swarm_workers.errors import LeaseLost, TaskCancelled
 from swarm_workers.keys import Keys
 from swarm_workers.models import TaskResult
 
@@ -61,13 +65,14 @@ class Claim:
     deadline: Deadline
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
+    cancelled: bool = False
 
 
 @dataclass(frozen=True)
 class Begun:
-    """What `Claims.begin` found: a stored outcome, a busy lease, or a claim to run."""
+    """What `Claims.begin` found: a stored outcome, a cancel, a busy lease, or a claim."""
 
-    kind: Literal["done", "busy", "run"]
+    kind: Literal["done", "cancelled", "busy", "run"]
     result: TaskResult | None = None
     claim: Claim | None = None
     busy_for_s: float = 0.0
@@ -98,9 +103,10 @@ class Claims:
         self._wake = threading.Event()
         self._closed = False
         self._renewer: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
 
     def _task_keys(self, task_id: str) -> list[str]:
-        return [self.keys.result(task_id), self.keys.lease(task_id), self.keys.attempts(task_id)]
+        return self.keys.task_keys(task_id)
 
     # ----------------------------------------------------------------- a run
 
@@ -113,6 +119,8 @@ class Claims:
         kind = kind.decode() if isinstance(kind, bytes) else kind
         if kind == "done":
             return Begun("done", result=TaskResult.model_validate_json(value))
+        if kind == "cancelled":
+            return Begun("cancelled")
         if kind == "busy":
             return Begun("busy", busy_for_s=max(0.0, int(value) / 1000))
         claim = Claim(task_id=task_id, token=token, runs=int(value), deadline=deadline)
@@ -124,9 +132,14 @@ class Claims:
     def finish(self, claim: Claim, result: TaskResult) -> TaskResult:
         """Record `result` (unless one is stored) and release; returns what is stored."""
         self._forget(claim)
+        return self.record(result, token=claim.token)
+
+    def record(self, result: TaskResult, *, token: str = "") -> TaskResult:
+        """Record `result` unless one is stored, answering any cancel; returns the stored
+        one. Without a `token` no lease is released (a task cancelled before it ran)."""
         stored = self._finish(
-            keys=self._task_keys(claim.task_id),
-            args=[result.model_dump_json(), self.result_ttl_s, claim.token],
+            keys=self._task_keys(result.task_id),
+            args=[result.model_dump_json(), self.result_ttl_s, token],
         )
         return TaskResult.model_validate_json(stored)
 
@@ -157,6 +170,35 @@ class Claims:
                 target=self._renew_forever, name="swarm-lease-renewer", daemon=True
             )
             self._renewer.start()
+        if self._listener is None or not self._listener.is_alive():
+            self._listener = threading.Thread(
+                target=self._listen_for_cancels, name="swarm-cancel-listener", daemon=True
+            )
+            self._listener.start()
+
+    def _listen_for_cancels(self) -> None:
+        """Stop a held run the moment its cancel is published; reconnects on its own."""
+        while not self._closed:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self.keys.cancels_channel())
+                while not self._closed:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._cancelled(message["data"].decode())
+            except redis.RedisError as exc:
+                log.debug("cancel listener: %s; resubscribing", exc)
+                self._wake.wait(1.0)
+            finally:
+                pubsub.close()
+
+    def _cancelled(self, task_id: str) -> None:
+        with self._lock:
+            claim = self._held.get(task_id)
+        if claim is not None and not claim.cancelled:
+            log.info("task %s: cancelled; stopping at its next step", task_id)
+            claim.cancelled = True
+            claim.deadline.stop(TaskCancelled(task_id))
 
     def _renew_forever(self) -> None:
         interval = self.lease_ttl_s / 3
@@ -189,9 +231,11 @@ class Claims:
                 if now - claim.renewed_at > self.lease_ttl_s * 2 / 3:
                     self._lose(claim, f"not renewed for {now - claim.renewed_at:.1f}s")
             return
-        for claim, ok in zip(held, answers, strict=True):
-            if ok:
+        for claim, answer in zip(held, answers, strict=True):
+            if answer:
                 claim.renewed_at = now
+                if answer == 2:
+                    self._cancelled(claim.task_id)
             else:
                 self._lose(claim, "another delivery holds it, or it lapsed")
 

@@ -14,6 +14,7 @@ import redis
 
 from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.config import Settings
+from swarm_workers.deadletters import DeadLetterStore
 from swarm_workers.execution.claims import Claims
 from swarm_workers.ratelimit.base import Limiter, build_limiter
 from swarm_workers.redis_client import redis_client
@@ -35,6 +36,7 @@ class Runtime:
     llm: openai.OpenAI  # one pooled chat-completions client for every pool thread
     results: ResultStore
     claims: Claims
+    deadletters: DeadLetterStore
     worker_name: str = field(default_factory=socket.gethostname)
 
     @classmethod
@@ -57,6 +59,7 @@ class Runtime:
                 # come back, for every attempt allowed.
                 attempts_ttl_s=worker.visibility_timeout_s * (worker.max_attempts + 1),
             ),
+            deadletters=DeadLetterStore(client, settings),
             worker_name=worker_name or socket.gethostname(),
         )
 

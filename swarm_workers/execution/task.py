@@ -12,11 +12,16 @@ Plain Python, no Celery. One delivery:
 4. a run beyond `worker.max_attempts` (the earlier ones were cut short by dying
    workers) is recorded as failed, `TooManyAttempts`, instead of killing another;
 5. runs the agent loop (`prepare` may rewrite the task first: a DAG node's prompt);
-6. records the outcome and releases the lease in one step, and returns what is stored.
+6. records the outcome and releases the lease in one step, and returns what is stored;
+7. keeps a task that failed for good as a dead letter (`deadletters`), with the task
+   as it ran and each run's error.
+
+A task whose earlier run was cut short runs in a child process (`isolation`), so a
+poison task that kills its process takes no neighbour with it.
 
 Redis errors are retried with backoff for a bounded time; past that a `RedisError`
 leaves here, the run's count is given back (a blip costs no attempt), and the task
-body puts the message back on its queue.
+body puts the message back on its queue. `Requeue` asks for the same.
 """
 
 from __future__ import annotations
@@ -25,24 +30,33 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
 from pydantic import ValidationError
 
 from swarm_workers.agent.loop import run_agent
+from swarm_workers.deadletters import DeadLetter, is_dead
 from swarm_workers.deadline import Deadline
-from swarm_workers.errors import SwarmError
+from swarm_workers.errors import SwarmError, TaskCancelled
 from swarm_workers.execution.claims import Claim
+from swarm_workers.execution.failpoints import check_failpoints
+from swarm_workers.execution.isolation import RunCrashed, run_isolated
 from swarm_workers.execution.runtime import Runtime
-from swarm_workers.metrics import observe_result
+from swarm_workers.metrics import DEAD_LETTERS, observe_result
 from swarm_workers.models import AgentTask, TaskResult, Timings, utcnow
 
-__all__ = ["execute", "undecodable"]
+__all__ = ["Requeue", "execute", "undecodable"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Requeue(Exception):
+    """This delivery ends unrecorded and its message goes back on the queue."""
+
 
 Prepare = Callable[[AgentTask], "AgentTask | TaskResult"]
 """Turns a task into the task to run, or into an outcome decided without running it."""
@@ -57,7 +71,8 @@ def execute(
 ) -> TaskResult:
     """Run one delivery of a task and return its recorded outcome (see the module doc).
 
-    Raises redis.RedisError when Redis stays unavailable: the caller requeues.
+    Raises redis.RedisError when Redis stays unavailable, `Requeue` when the run was
+    cut short without an outcome: the caller puts the message back either way.
     """
     deadline = Deadline.start(runtime.settings.worker.task_time_limit_s)
     try:
@@ -69,17 +84,21 @@ def execute(
     if isinstance(claim, TaskResult):
         return claim
     try:
-        result = _run(task, claim, runtime, deadline, prepare)
+        result, ran = _run(task, claim, runtime, deadline, prepare)
     except redis.RedisError:
         runtime.claims.abandon(claim)
         raise
+    except RunCrashed as exc:
+        log.error("%s", exc)
+        runtime.claims.release(claim)  # counted: this run was cut short
+        raise Requeue(str(exc)) from exc
     except BaseException:
         runtime.claims.release(claim)
         raise
     if claim.lost:
         # Someone else may own the task now; our outcome is not to be recorded.
         runtime.claims.abandon(claim)
-        raise redis.ConnectionError(f"task {task.id}: lease lost during the run")
+        raise Requeue(f"task {task.id}: lease lost during the run")
     try:
         recorded = _with_retries(lambda: runtime.claims.finish(claim, result), deadline)
     except redis.RedisError:
@@ -89,22 +108,43 @@ def execute(
         raise
     if recorded == result:  # a racing twin's outcome was counted by its own worker
         observe_result(result)
+        if is_dead(result):
+            _bury(ran, result, runtime, deadline)
     return recorded
 
 
+def _bury(task: AgentTask, result: TaskResult, runtime: Runtime, deadline: Deadline) -> None:
+    """Keep a dead letter. Its outcome is stored already: if Redis stays away, the letter
+    is what is lost (logged), not the task."""
+    letter = DeadLetter.of(task, result)
+    try:
+        dropped = _with_retries(partial(runtime.deadletters.add, letter), deadline)
+    except redis.RedisError as exc:
+        log.error("task %s: failed for good, but its dead letter was not kept: %s", task.id, exc)
+        return
+    DEAD_LETTERS.labels(task.role, letter.error.type).inc()
+    if dropped:
+        log.warning("dead letters of role %s at their cap: %d oldest dropped", task.role, dropped)
+
+
 def _claim(task: AgentTask, runtime: Runtime, deadline: Deadline) -> Claim | TaskResult:
-    """A claim to run `task`, or its stored outcome; waits while a twin holds the lease."""
+    """A claim to run `task`, or its outcome (stored, or cancelled before it ran); waits
+    while a twin holds the lease."""
     while True:
         begun = _with_retries(lambda: runtime.claims.begin(task.id, deadline), deadline)
         if begun.result is not None:
             log.info("task %s: already recorded, returning the stored result", task.id)
             return begun.result
+        if begun.kind == "cancelled":
+            log.info("task %s: cancelled before it ran", task.id)
+            unrun = TaskResult.cancelled_before_run(task, worker=runtime.worker_name)
+            return _with_retries(partial(runtime.claims.record, unrun), deadline)
         if begun.claim is not None:
             return begun.claim
         # Another delivery of this very task runs (redelivered after a broker reconnect,
         # say): it records soon, or its lease lapses within one TTL if its worker died.
         if deadline.expired():
-            raise redis.ConnectionError(f"task {task.id}: a twin delivery still holds its lease")
+            raise Requeue(f"task {task.id}: a twin delivery still holds its lease")
         deadline.sleep(min(0.5, max(0.05, begun.busy_for_s)))
 
 
@@ -114,13 +154,15 @@ def _run(
     runtime: Runtime,
     deadline: Deadline,
     prepare: Prepare | None,
-) -> TaskResult:
+) -> tuple[TaskResult, AgentTask]:
+    """The run's outcome, and the task as it ran (a DAG node's prompt rendered)."""
     started = utcnow()
+    ran = task
     limit = runtime.settings.worker.max_attempts
     if claim.runs > limit:
         message = f"started {claim.runs} times; each run before was cut short by its worker dying"
         log.warning("task %s failed: TooManyAttempts: %s", task.id, message)
-        return TaskResult.failure(
+        failed = TaskResult.failure(
             "TooManyAttempts",
             message,
             task=task,
@@ -128,32 +170,41 @@ def _run(
             attempts=claim.runs,
             started_at=started,
         )
+        return failed, ran
     log.info("start %s run=%d", task.redacted(), claim.runs)
     try:
         ready = prepare(task) if prepare is not None else task
         if isinstance(ready, TaskResult):
-            return ready
-        outcome = run_agent(ready, runtime, deadline)
+            return ready, ran
+        ran = ready
+        if claim.runs > 1 and runtime.settings.worker.isolate_suspects:
+            outcome = run_isolated(ran, runtime, deadline)
+        else:
+            check_failpoints(ran, runtime.settings)
+            outcome = run_agent(ran, runtime, deadline)
     except SwarmError as exc:
         kind, message = type(exc).__name__, str(exc)
-    except redis.RedisError:
+    except (redis.RedisError, RunCrashed):
         raise
     except Exception as exc:  # a bug of ours: recorded, so a chord still completes
         log.exception("task %s: internal error", task.id)
         kind, message = "InternalError", f"{type(exc).__name__} in the worker (see its log)"
     else:
-        if outcome.error is not None:
+        cancelled = claim.cancelled or (
+            outcome.error is not None and outcome.error.type == TaskCancelled.__name__
+        )
+        if outcome.error is not None and not cancelled:
             log.warning(
                 "task %s failed: %s: %s", task.id, outcome.error.type, outcome.error.message
             )
-        return TaskResult(
+        done = TaskResult(
             task_id=task.id,
             role=task.role,
             priority=task.priority,
-            status="succeeded" if outcome.ok else "failed",
+            status="cancelled" if cancelled else "succeeded" if outcome.ok else "failed",
             output=outcome.output,
             error=outcome.error,
-            stop_reason=outcome.stop_reason,
+            stop_reason="cancelled" if cancelled else outcome.stop_reason,
             model=outcome.model,
             steps=outcome.steps,
             usage=outcome.usage,
@@ -163,8 +214,9 @@ def _run(
             worker=runtime.worker_name,
             timings=_timings(task, started),
         )
+        return done, ran
     log.warning("task %s failed: %s: %s", task.id, kind, message)
-    return TaskResult.failure(
+    failed = TaskResult.failure(
         kind,
         message,
         task=task,
@@ -172,6 +224,7 @@ def _run(
         attempts=claim.runs,
         started_at=started,
     )
+    return failed, ran
 
 
 def _timings(task: AgentTask, started: datetime) -> Timings:

@@ -9,7 +9,8 @@ It is a peer: it imports nothing from ``swarm_workers``.
     python -m swarm_workers.fakes.mcp_server --transport http --port 8765
     python -m swarm_workers.fakes.mcp_server --transport stdio --handshake-only
 
-Tools: ``search(query, limit)``, ``add(a, b)``, ``slow(seconds)`` (sleeps), ``fail(message)``
+Tools: ``search(query, limit)``, ``add(a, b)``, ``slow(seconds)`` (sleeps), ``huge(chars)``
+(a very long answer), ``fail(message)``
 (answers ``isError``), ``grow(name)`` (adds a tool ``name`` at run time and announces the
 change: a `ToolsListChanged` event to modern listeners and
 ``notifications/tools/list_changed`` to every handshake-era connection).
@@ -182,6 +183,11 @@ def build_server(config: FakeMCPConfig) -> tuple[MCPServer, FakeMCPState]:
     async def slow(seconds: float = 1.0) -> str:
         await anyio.sleep(seconds)
         return f"slept {seconds}s"
+
+    @server.tool(description="Answer `chars` characters of text (a tool that says too much).")
+    def huge(chars: int = 1_000_000) -> str:
+        line = "all work and no play makes jack a dull boy. "
+        return (line * (chars // len(line) + 1))[:chars]
 
     @server.tool(description="Always fails: the result carries isError.")
     def fail(message: str = "boom") -> str:

@@ -1,7 +1,7 @@
 """Cluster-wide backpressure: the Redis token bucket and producer admission control."""
 
 from swarm_workers.ratelimit.admission import AdmissionControl
-from swarm_workers.ratelimit.base import Limiter, Reservation, Unlimited, build_limiter
+from swarm_workers.ratelimit.base import build_limiter
 from swarm_workers.ratelimit.bucket import (
     Bucket,
     BucketReservation,
@@ -10,6 +10,7 @@ from swarm_workers.ratelimit.bucket import (
     TokenBucketLimiter,
     bucket_levels,
 )
+from swarm_workers.ratelimit.limiter import Limiter, Reservation, Unlimited
 
 __all__ = [
     "AdmissionControl",

@@ -1,54 +1,19 @@
-"""The limiter interface the agent loop calls before and after each LLM request.
+"""Which limiter a worker process uses: the Redis token bucket, or none.
 
-Reserve then reconcile: `acquire` takes the estimated tokens (prompt + max_tokens)
-and one request; after the call, `reconcile` charges or returns the difference from
-the real usage, `cancel` returns everything for a call that produced no usage.
+The interface the agent loop calls lives in `ratelimit/limiter.py`; this module only
+chooses an implementation, so the bucket can depend on the interface without a circle
+(limiter <- bucket <- base).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import redis
 
 from swarm_workers.config import Settings
-from swarm_workers.models import Priority
+from swarm_workers.ratelimit.bucket import TokenBucketLimiter
+from swarm_workers.ratelimit.limiter import Limiter, Reservation, Unlimited
 
 __all__ = ["Limiter", "Reservation", "Unlimited", "build_limiter"]
-
-
-class Reservation(Protocol):
-    def reconcile(self, used_tokens: int) -> None: ...
-
-    def cancel(self) -> None: ...
-
-
-class Limiter(Protocol):
-    def acquire(self, model: str, priority: Priority, tokens: int) -> Reservation:
-        """Block until the fleet may send one request of `tokens`; may raise RateLimited."""
-        ...
-
-    def penalize(self, model: str, retry_after_s: float) -> None:
-        """The provider answered 429: make the whole fleet back off for this long."""
-        ...
-
-
-class _Nothing:
-    def reconcile(self, used_tokens: int) -> None:
-        return None
-
-    def cancel(self) -> None:
-        return None
-
-
-class Unlimited:
-    """No limit: for a model with no configured limit, or with the bucket disabled."""
-
-    def acquire(self, model: str, priority: Priority, tokens: int) -> Reservation:
-        return _Nothing()
-
-    def penalize(self, model: str, retry_after_s: float) -> None:
-        return None
 
 
 def build_limiter(settings: Settings, client: redis.Redis) -> Limiter:
@@ -57,6 +22,4 @@ def build_limiter(settings: Settings, client: redis.Redis) -> Limiter:
     """
     if not settings.ratelimit.enabled or not settings.ratelimit.models:
         return Unlimited()
-    from swarm_workers.ratelimit.bucket import TokenBucketLimiter  # bucket imports this module
-
     return TokenBucketLimiter(client, settings.ratelimit, prefix=settings.key_prefix)

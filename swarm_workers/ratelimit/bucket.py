@@ -50,10 +50,12 @@ import redis
 from redis.cluster import RedisCluster
 
 from swarm_workers.config import ModelLimit, RateLimitSettings, Settings
+from swarm_workers.deadline import Deadline
 from swarm_workers.errors import ConfigError, RateLimited, RequestTooLarge
+from swarm_workers.keys import Keys
 from swarm_workers.metrics import BUCKET_WAIT
 from swarm_workers.models import Priority
-from swarm_workers.ratelimit.base import Reservation, Unlimited
+from swarm_workers.ratelimit.limiter import Reservation, Unlimited
 
 __all__ = [
     "ALL_MODELS",
@@ -158,13 +160,15 @@ class RedisTokenBucket:
         *,
         reserve: float = 0.0,
         max_wait_s: float = 60.0,
+        deadline: Deadline | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
     ) -> float:
         """Take, sleeping while the bucket says wait; returns the seconds waited.
 
         Raises `RequestTooLarge` at once for an amount above a capacity, `RateLimited`
-        once `max_wait_s` has passed without a successful take.
+        once `max_wait_s` has passed without a successful take, and TimeLimitExceeded
+        when `deadline` runs out first (a task never outwaits its own time limit).
         """
         started = time.monotonic()
         while True:
@@ -176,9 +180,13 @@ class RedisTokenBucket:
             if result.status == "too_large":
                 index = self.keys.index(result.bucket)
                 raise RequestTooLarge(result.bucket, amounts[index], self.buckets[index].capacity)
+            if deadline is not None:
+                deadline.check("waiting for the token bucket")  # the task's limit comes first
             remaining = max_wait_s - waited
             if remaining <= 0:
                 raise RateLimited(result.bucket, waited, max_wait_s)
+            if deadline is not None:
+                remaining = min(remaining, deadline.remaining())
             nap = result.wait_s * (1 + JITTER * rand()) + 0.005 * rand()
             sleep(min(nap, remaining))
 
@@ -301,6 +309,7 @@ class TokenBucketLimiter:
         self.client = client
         self.settings = settings
         self.prefix = prefix
+        self._keys = Keys(prefix)
         self._sleep = sleep
         self._rand = rand
         self._buckets: dict[str, RedisTokenBucket | None] = {}
@@ -317,10 +326,10 @@ class TokenBucketLimiter:
         found: list[Bucket] = []
         if self.global_limit is None:
             if own is not None:
-                found += buckets_for(f"{{{self.prefix}:rl:{model}}}", own, burst, name=model)
+                found += buckets_for(self._keys.bucket_tag(model), own, burst, name=model)
         else:
             # One hash tag for every key, since the global keys go in every call.
-            tag = f"{{{self.prefix}:rl}}"
+            tag = self._keys.bucket_tag(None)
             if own is not None and model != ALL_MODELS:
                 found += buckets_for(f"{tag}:{model}", own, burst, name=model)
             found += buckets_for(f"{tag}:{ALL_MODELS}", self.global_limit, burst, name=ALL_MODELS)
@@ -328,8 +337,11 @@ class TokenBucketLimiter:
         self._buckets[model] = bucket
         return bucket
 
-    def acquire(self, model: str, priority: Priority, tokens: int) -> Reservation:
-        """Wait (bounded by the priority's `max_wait_s`) until the fleet may send it."""
+    def acquire(
+        self, model: str, priority: Priority, tokens: int, deadline: Deadline | None = None
+    ) -> Reservation:
+        """Wait until the fleet may send it, at most the priority's `max_wait_s` and never
+        past `deadline` (TimeLimitExceeded)."""
         bucket = self.bucket_for(model)
         if bucket is None:
             return Unlimited().acquire(model, priority, tokens)
@@ -338,6 +350,7 @@ class TokenBucketLimiter:
             [1, tokens] * (len(bucket.buckets) // 2),
             reserve=self.settings.reserve.get(priority, 0.0),
             max_wait_s=self.settings.max_wait_s.get(priority, 60.0),
+            deadline=deadline,
             sleep=self._sleep,
             rand=self._rand,
         )

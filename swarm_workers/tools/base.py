@@ -25,16 +25,22 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from swarm_workers.config import RoleSettings
 from swarm_workers.errors import InvalidToolArguments, ToolFailed, ToolNotAllowed, UnknownTool
+from swarm_workers.metrics import allow_tool_servers
 
 __all__ = [
+    "DEFAULT_MAX_OUTPUT_CHARS",
     "LocalToolset",
     "ToolResult",
     "ToolSpec",
     "Toolset",
+    "cap",
     "check_allowed",
     "is_allowed",
     "validate_arguments",
 ]
+
+
+DEFAULT_MAX_OUTPUT_CHARS = 16_000  # `tools.max_output_chars`'s default
 
 
 class ToolSpec(BaseModel):
@@ -80,8 +86,11 @@ class Toolset(Protocol):
         allowed: Sequence[str] | None = None,
         role: str | None = None,
     ) -> ToolResult:
-        """Run a tool. Raises a ToolError subclass for anything the model should read.
+        """Run a tool within `timeout` seconds, all waits included. Raises a ToolError
+        subclass for anything the model should read.
 
+        The toolset alone checks the call: `allowed`, the tool's argument schema, and
+        the output cap (a longer result is cut, with a note the model can read).
         With `allowed` (the role's `tools` patterns), a name outside it raises
         ToolNotAllowed naming `role`; None means no allowlist is applied here.
         """
@@ -106,6 +115,17 @@ def check_allowed(name: str, allowed: Sequence[str] | None, role: str | None) ->
         raise ToolNotAllowed(name, role or "this role")
 
 
+def cap(text: str, limit: int) -> str:
+    """Cut `text` to `limit` characters, saying so, so the model knows it saw a part.
+
+    >>> cap("abcdef", 3)
+    'abc\\n[truncated: 6 characters, limit 3]'
+    """
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[truncated: {len(text)} characters, limit {limit}]"
+
+
 def validate_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, Any]) -> None:
     """Check arguments against the tool's JSON Schema; the message names the bad path."""
     try:
@@ -122,8 +142,12 @@ def validate_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, A
 class LocalToolset:
     """Plain Python functions as tools, named `<server>__<function>`."""
 
-    def __init__(self, server: str = "local") -> None:
+    def __init__(
+        self, server: str = "local", *, max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS
+    ) -> None:
         self._server = server
+        self._max_output_chars = max_output_chars
+        allow_tool_servers([server])
         self._tools: dict[str, tuple[ToolSpec, Callable[..., Any]]] = {}
 
     def tool(self, *, description: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -177,7 +201,8 @@ class LocalToolset:
             value = func(**arguments)
         except Exception as exc:  # the model reads what went wrong, the task goes on
             raise ToolFailed(name, f"{type(exc).__name__}: {exc}") from exc
-        return ToolResult(content=value if isinstance(value, str) else json.dumps(value))
+        text = value if isinstance(value, str) else json.dumps(value)
+        return ToolResult(content=cap(text, self._max_output_chars))
 
     def role_context(self, role: RoleSettings) -> str:
         return ""  # local tools have no resources

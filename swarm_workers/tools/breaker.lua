@@ -10,6 +10,11 @@
 --   returns {decision, state, wait_ms}: decision 1 = go, 2 = go as the probe, 0 = fail fast
 --   (wait_ms: until the cooldown ends, or until the pending probe's lease runs out)
 --
+-- ARGV[1] = "release":
+--   ARGV[2] probe token   frees the half-open probe lease if this token holds it, and
+--   changes nothing else: the call never reached the server, so nothing was learned.
+--   returns {state, 0}
+--
 -- ARGV[1] = "record":
 --   ARGV[2] outcome "ok"|"fail"   ARGV[3] probe token or ""   ARGV[4] call id (unique)
 --   ARGV[5] failures threshold    ARGV[6] window_ms          ARGV[7] reason
@@ -45,6 +50,13 @@ if ARGV[1] == 'allow' then
     return {2, 'half_open', 0}
   end
   return {0, 'half_open', math.max(redis.call('PTTL', KEYS[2]), 0)}
+end
+
+if ARGV[1] == 'release' then
+  if redis.call('GET', KEYS[2]) == ARGV[2] then
+    redis.call('DEL', KEYS[2])
+  end
+  return {state, 0}
 end
 
 -- record

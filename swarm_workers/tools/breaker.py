@@ -30,6 +30,7 @@ from typing import Literal
 import redis
 
 from swarm_workers.config import BreakerSettings
+from swarm_workers.keys import Keys
 from swarm_workers.metrics import BREAKER_STATE
 
 __all__ = ["BreakerState", "CircuitBreaker", "Permit"]
@@ -84,14 +85,14 @@ class CircuitBreaker:
         probe_lease_s: float = 30.0,
     ) -> None:
         self._redis = client
-        self._prefix = key_prefix
+        self._keys_of = Keys(key_prefix)
         self._settings = settings
         self._probe_lease_ms = max(1, int(probe_lease_s * 1000))
         self._script = client.register_script(_SCRIPT)
 
     def _keys(self, server: str) -> list[str]:
-        base = f"{self._prefix}:breaker:{server}"
-        return [base, f"{base}:probe", f"{base}:failures"]
+        # One hash tag for the three keys: the script touches them together (Cluster).
+        return list(self._keys_of.breaker(server))
 
     def allow(self, server: str) -> Permit:
         """May a call to `server` go now? Never raises: a Redis outage fails open, logged."""
@@ -147,6 +148,15 @@ class CircuitBreaker:
             why = f" ({reason})" if failed else ""
             log.warning("breaker %s: now %s%s", permit.server, new_state, why)
         return new_state
+
+    def release(self, permit: Permit) -> None:
+        """The call never reached the server: free a probe lease, judge nothing."""
+        if not permit.is_probe:
+            return
+        try:
+            self._script(keys=self._keys(permit.server), args=["release", permit.probe_token or ""])
+        except redis.RedisError as exc:  # the lease expires on its own
+            log.warning("breaker %s: could not release the probe: %s", permit.server, exc)
 
     def state(self, server: str) -> BreakerState:
         """The breaker as the next caller would find it (an elapsed cooldown reads half_open)."""

@@ -43,6 +43,7 @@ from mcp.types import (
 from pydantic import ValidationError
 
 from swarm_workers.config import MCPServerSettings
+from swarm_workers.keys import Keys
 
 __all__ = ["RedisResponseCacheStore", "credential_partition", "server_url", "target_id"]
 
@@ -70,14 +71,14 @@ class RedisResponseCacheStore:
 
     def __init__(self, client: redis.asyncio.Redis, key_prefix: str) -> None:
         self._redis = client
-        self._prefix = f"{key_prefix}:mcp-cache"
+        self._keys = Keys(key_prefix)
         self._stored_at: dict[tuple[str, str], float] = {}
 
     def _key(self, key: CacheKey) -> str:
         # The SDK says: compare keys as the field tuple, never a flattened string.
         # Hashing the JSON array of the fields keeps them apart and the key short.
         digest = hashlib.sha256(json.dumps([key.method, key.params_key, key.partition]).encode())
-        return f"{self._prefix}:{digest.hexdigest()}"
+        return self._keys.mcp_cache(digest.hexdigest())
 
     async def get(self, key: CacheKey) -> CacheEntry | None:
         raw = await self._redis.get(self._key(key))
@@ -120,7 +121,7 @@ class RedisResponseCacheStore:
 
     async def clear(self) -> None:
         """Delete every entry of this key prefix (the whole fleet's cache)."""
-        async for name in self._redis.scan_iter(match=f"{self._prefix}:*", count=500):
+        async for name in self._redis.scan_iter(match=self._keys.mcp_cache_pattern(), count=500):
             await self._redis.delete(name)
 
     def forget(self, method: str, params_key: str = "") -> None:

@@ -17,7 +17,7 @@ the client's message handler in both eras (2026-07-28 events come from a
 `subscriptions/listen` stream the owner keeps open; the SDK tees them to the handler
 after evicting the response cache).
 
->>> loop = LoopThread("mcp"); loop.start()                              # doctest: +SKIP
+>>> loop = LoopThread("mcp"); loop.start()         # tools/loop_thread.py # doctest: +SKIP
 >>> conn = ServerConnection("search", settings, store=store, on_connected=hook,
 ...                         on_list_changed=changed)                    # doctest: +SKIP
 >>> loop.run(conn.call_tool("search", {"query": "x"}, timeout=5), 6)     # doctest: +SKIP
@@ -26,16 +26,16 @@ after evicting the response cache).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import logging
 import os
 import random
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 import httpx2
@@ -55,12 +55,19 @@ from mcp.types import (
     ReadResourceResult,
     Resource,
     ResourceListChangedNotification,
+    TextContent,
     Tool,
     ToolListChangedNotification,
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
 from swarm_workers.config import MCPServerSettings
+from swarm_workers.tools.bounded_read import (
+    MIN_READ_LIMIT,
+    OUTPUT_TOO_LARGE,
+    BoundedTransport,
+    bounded_stdio_client,
+)
 from swarm_workers.tools.cache import (
     RedisResponseCacheStore,
     credential_partition,
@@ -69,7 +76,7 @@ from swarm_workers.tools.cache import (
 )
 from swarm_workers.tools.listing import Era
 
-__all__ = ["Era", "LoopThread", "ServerConnection", "ServerUnavailable"]
+__all__ = ["MAX_PAGES", "CallTiming", "ListKind", "ServerConnection", "ServerUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,9 @@ ListKind = Literal["tools", "resources"]
 
 MAX_PAGES = 100  # a paginator that never ends must not hang discovery
 HTTP_MAX_CONNECTIONS = 256  # per server per worker: calls beyond this queue in the pool
+# Calls in flight per server per worker. Below the pool size, so the long-lived GET and
+# listen streams keep their connections and a call holding a slot never waits in the pool.
+MAX_IN_FLIGHT = HTTP_MAX_CONNECTIONS - 8
 SSE_READ_TIMEOUT_S = 300.0  # the SDK's default; listen / GET streams idle between events
 _CONNECTION_ERRORS = (
     httpx2.TransportError,
@@ -97,7 +107,13 @@ class ServerUnavailable(Exception):
     """The server could not be reached, or did not answer in time (a breaker failure)."""
 
     def __init__(
-        self, server: str, reason: str, *, timed_out: bool = False, unsent: bool = False
+        self,
+        server: str,
+        reason: str,
+        *,
+        timed_out: bool = False,
+        unsent: bool = False,
+        untried: bool = False,
     ) -> None:
         super().__init__(f"{server}: {reason}")
         self.server = server
@@ -106,80 +122,18 @@ class ServerUnavailable(Exception):
         # True when the server provably did not run the request (an expired session
         # is refused before dispatch), so resending it on a new session is safe.
         self.unsent = unsent
+        # True when this worker never sent it (its own connection was closing): the
+        # outcome says nothing about the server, so the breaker must not hear of it.
+        self.untried = untried
 
 
-class LoopThread:
-    """An asyncio loop on a daemon thread; other threads run coroutines on it and wait.
+@dataclass
+class CallTiming:
+    """Filled in on the loop thread: was the request sent, and how long the server took
+    (None when not judged). Read by the caller after the call's future completes."""
 
-    >>> loop = LoopThread("mcp"); loop.start()
-    >>> loop.run(asyncio.sleep(0, "ok"), timeout=1)
-    'ok'
-    >>> loop.stop()
-    """
-
-    def __init__(self, name: str = "mcp-loop") -> None:
-        self._name = name
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            raise RuntimeError("the loop thread is not running")
-        return self._loop
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
-        self._thread.start()
-        self._started.wait()
-
-    def _main(self) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        self._loop = loop
-        self._started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run `coro` on the loop; TimeoutError (and the coroutine cancelled) past `timeout`."""
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("LoopThread.run called from the loop thread itself (deadlock)")
-        future = self.submit(coro)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError(f"no result within {timeout:.1f}s") from None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what still runs on the loop, then stop the thread."""
-        if self._loop is None or self._thread is None:
-            return
-        loop = self._loop
-
-        async def cancel_all() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks, timeout=timeout) if tasks else None
-
-        try:
-            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout + 1)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            log.warning("mcp loop: some tasks did not stop within %.0fs", timeout)
-        loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(timeout)
-        self._thread = None
-        self._loop = None
+    sent: bool = False
+    latency_s: float | None = None
 
 
 OnConnected = Callable[["ServerConnection", Client], Awaitable[None]]
@@ -208,6 +162,7 @@ class ServerConnection:
         on_list_changed: OnListChanged,
         backoff_min_s: float = 0.2,
         backoff_max_s: float = 30.0,
+        max_message_bytes: int = MIN_READ_LIMIT,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -219,6 +174,7 @@ class ServerConnection:
         self.last_error: str | None = None
         self.connected_at: float | None = None
         self._default_ttl_ms = default_ttl_ms
+        self._max_message_bytes = max_message_bytes
         self._on_connected = on_connected
         self._on_list_changed = on_list_changed
         self._backoff = (backoff_min_s, backoff_max_s)
@@ -228,6 +184,7 @@ class ServerConnection:
         self._attempt: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._owner: asyncio.Task[None] | None = None
         self._closing = False
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -332,8 +289,9 @@ class ServerConnection:
             params = StdioServerParameters(
                 command=settings.command, args=list(settings.args), env=dict(settings.env) or None
             )
-            return Client(params, **common)
-        headers = dict(settings.headers)
+            return Client(bounded_stdio_client(params, self._max_message_bytes), **common)
+        # The read cap counts the bytes as sent: ask for them uncompressed.
+        headers = {"Accept-Encoding": "identity", **settings.headers}
         if settings.bearer_token_env:
             token = os.environ.get(settings.bearer_token_env)
             if not token:
@@ -345,8 +303,13 @@ class ServerConnection:
             httpx2.AsyncClient(
                 headers=headers,
                 timeout=httpx2.Timeout(settings.timeout_s, read=SSE_READ_TIMEOUT_S),
-                limits=httpx2.Limits(
-                    max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=64
+                transport=BoundedTransport(
+                    httpx2.AsyncHTTPTransport(
+                        limits=httpx2.Limits(
+                            max_connections=HTTP_MAX_CONNECTIONS, max_keepalive_connections=64
+                        )
+                    ),
+                    self._max_message_bytes,
                 ),
             )
         )
@@ -402,7 +365,8 @@ class ServerConnection:
             if client is not None:
                 return client
             if self._closing:
-                raise ServerUnavailable(self.name, "connection closed")
+                # Our own reconfiguration or shutdown: the server was not tried.
+                raise ServerUnavailable(self.name, "connection closed", untried=True)
             attempt = self._attempt
             self._wake.set()
             remaining = deadline - loop.time()
@@ -420,6 +384,19 @@ class ServerConnection:
                 ) from None
             if not ok:
                 raise ServerUnavailable(self.name, self.last_error or "cannot connect")
+
+    @contextlib.asynccontextmanager
+    async def _mapped(self, limit_s: float) -> AsyncIterator[None]:
+        """Re-raise a failure that means "the server is unreachable" as ServerUnavailable;
+        anything the server answered (MCPError, a malformed result) passes unchanged.
+        `limit_s` is the request's time limit, for the message of a timeout."""
+        try:
+            yield
+        except Exception as exc:
+            failure = self._unavailable(exc, limit_s)
+            if failure is None or failure is exc:
+                raise
+            raise failure from exc
 
     def _unavailable(self, exc: BaseException, timeout: float) -> ServerUnavailable | None:
         """Classify a failed request: None means the server answered (with an error)."""
@@ -453,39 +430,65 @@ class ServerConnection:
             log.warning("mcp %s: connection broken: %s", self.name, self.last_error)
             self._broken.set()
 
-    def _timeout(self, timeout: float) -> float:
-        return min(timeout, self.settings.timeout_s)
+    def _timeout(self, budget_s: float) -> float:
+        return max(0.0, min(budget_s, self.settings.timeout_s))
+
+    @contextlib.asynccontextmanager
+    async def _timed(self, timing: CallTiming, judged: bool) -> AsyncIterator[None]:
+        """Measure the request itself, on this loop, once it holds a slot in the pool.
+
+        Waiting for the loop thread or for a pooled connection is this worker's
+        congestion, not the server's latency. A call that first had to (re)connect
+        (`judged` False) is not judged at all, or recovery itself re-opens the breaker.
+        """
+        async with self._slots:
+            timing.sent = True
+            started = time.monotonic()
+            try:
+                yield
+            finally:
+                if judged:
+                    timing.latency_s = time.monotonic() - started
 
     async def call_tool(
-        self, tool: str, arguments: dict[str, Any], budget_s: float
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        budget_s: float,
+        timing: CallTiming | None = None,
     ) -> CallToolResult:
+        timing = timing or CallTiming()
         timeout = self._timeout(budget_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        judged = self._ready_client() is not None
         for attempt in (1, 2):
             client = await self._ready(deadline)
-            remaining = max(0.01, deadline - loop.time())
             try:
-                return await client.call_tool(tool, arguments, read_timeout_seconds=remaining)
-            except Exception as exc:
-                failure = self._unavailable(exc, timeout)
-                if failure is None:
+                async with self._mapped(timeout), self._timed(timing, judged):
+                    remaining = max(0.01, deadline - loop.time())
+                    return await client.call_tool(tool, arguments, read_timeout_seconds=remaining)
+            except MCPError as exc:
+                if exc.code != OUTPUT_TOO_LARGE:
                     raise
+                return _truncated(exc)
+            except ServerUnavailable as failure:
                 if not (failure.unsent and attempt == 1):
-                    raise failure from exc
+                    raise
+                judged = False
                 log.info("mcp %s: %s; resending %s", self.name, failure.reason, tool)
         raise AssertionError("unreachable")
 
-    async def read_resource(self, uri: str, budget_s: float) -> ReadResourceResult:
+    async def read_resource(
+        self, uri: str, budget_s: float, timing: CallTiming | None = None
+    ) -> ReadResourceResult:
+        timing = timing or CallTiming()
         timeout = self._timeout(budget_s)
+        judged = self._ready_client() is not None
         client = await self._ready(asyncio.get_running_loop().time() + timeout)
-        try:
-            return await client.read_resource(uri)
-        except Exception as exc:
-            failure = self._unavailable(exc, timeout)
-            if failure is None:
-                raise
-            raise failure from exc
+        async with self._mapped(timeout), self._timed(timing, judged):
+            with anyio.fail_after(timeout):
+                return await client.read_resource(uri)
 
     async def list_tools(
         self, mode: CacheMode = "use", *, client: Client | None = None
@@ -494,20 +497,12 @@ class ServerConnection:
         timeout = self.settings.timeout_s
         if client is None:
             client = await self._ready(asyncio.get_running_loop().time() + timeout)
-        try:
-            page = await client.list_tools(cache_mode=mode)
-            tools = list(page.tools)
-            for _ in range(MAX_PAGES):
-                if page.next_cursor is None:
-                    break
-                page = await client.list_tools(cursor=page.next_cursor)
-                tools.extend(page.tools)
-            return tools
-        except Exception as exc:
-            failure = self._unavailable(exc, timeout)
-            if failure is None:
-                raise
-            raise failure from exc
+        lister = client
+        async with self._mapped(timeout):
+            first = await lister.list_tools(cache_mode=mode)
+            return await _all_pages(
+                first, lambda page: page.tools, lambda c: lister.list_tools(cursor=c)
+            )
 
     async def list_resources(
         self, mode: CacheMode = "use", *, client: Client | None = None
@@ -515,23 +510,14 @@ class ServerConnection:
         timeout = self.settings.timeout_s
         if client is None:
             client = await self._ready(asyncio.get_running_loop().time() + timeout)
-        caps = client.server_capabilities
-        if caps.resources is None:
+        if client.server_capabilities.resources is None:
             return []
-        try:
-            page = await client.list_resources(cache_mode=mode)
-            resources = list(page.resources)
-            for _ in range(MAX_PAGES):
-                if page.next_cursor is None:
-                    break
-                page = await client.list_resources(cursor=page.next_cursor)
-                resources.extend(page.resources)
-            return resources
-        except Exception as exc:
-            failure = self._unavailable(exc, timeout)
-            if failure is None:
-                raise
-            raise failure from exc
+        lister = client
+        async with self._mapped(timeout):
+            first = await lister.list_resources(cache_mode=mode)
+            return await _all_pages(
+                first, lambda page: page.resources, lambda c: lister.list_resources(cursor=c)
+            )
 
     async def ping(self, budget_s: float) -> float:
         """Round-trip seconds: `ping` on handshake-era sessions, `server/discover` on modern ones
@@ -540,18 +526,44 @@ class ServerConnection:
         loop = asyncio.get_running_loop()
         client = await self._ready(loop.time() + timeout)
         started = loop.time()
-        try:
+        async with self._mapped(timeout):
             with anyio.fail_after(timeout):
                 if self.era == "modern" and self.protocol_version is not None:
                     await client.session.send_discover(self.protocol_version)
                 else:
                     await client.session.send_ping()
-        except Exception as exc:
-            failure = self._unavailable(exc, timeout)
-            if failure is None:
-                raise
-            raise failure from exc
         return loop.time() - started
+
+
+class _Page(Protocol):
+    @property
+    def next_cursor(self) -> str | None: ...
+
+
+P = TypeVar("P", bound=_Page)
+
+
+async def _all_pages(
+    first: P, items: Callable[[P], Sequence[T]], fetch: Callable[[str], Awaitable[P]]
+) -> list[T]:
+    """Follow `next_cursor` from `first`; at most MAX_PAGES, so an endless paginator
+    cannot hang discovery."""
+    page = first
+    found = list(items(page))
+    for _ in range(MAX_PAGES):
+        if page.next_cursor is None:
+            break
+        page = await fetch(page.next_cursor)
+        found.extend(items(page))
+    return found
+
+
+def _truncated(exc: MCPError) -> CallToolResult:
+    """A result cut while it was read (`bounded_read`): its start, and a note saying so."""
+    data = exc.data if isinstance(exc.data, dict) else {}
+    text = str(data.get("text", ""))
+    note = f"[truncated while reading: {exc.message}; this is only its start]"
+    return CallToolResult(content=[TextContent(type="text", text=f"{text}\n{note}")])
 
 
 def _announces_changes(client: Client) -> bool:

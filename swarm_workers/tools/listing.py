@@ -37,7 +37,6 @@ __all__ = [
     "Era",
     "RegisteredTool",
     "ServerTools",
-    "cap",
     "openai_name",
     "register_tool",
     "render_resource",
@@ -182,10 +181,3 @@ def render_resource(result: ReadResourceResult) -> str:
         elif isinstance(item, BlobResourceContents):
             parts.append(f"[binary {item.mime_type or 'data'}, {len(item.blob) * 3 // 4} bytes]")
     return "\n".join(parts)
-
-
-def cap(text: str, limit: int) -> str:
-    """Cut `text` to `limit` characters, saying so, so the model knows it saw a part."""
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f"\n[truncated: {len(text)} characters, limit {limit}]"

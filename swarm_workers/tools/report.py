@@ -1,7 +1,7 @@
 """What `swarm tools` shows: every configured server's tools as the fleet sees them.
 
 Read from Redis, not from the servers: each worker publishes the listing it holds
-(`<prefix>:tools:view:<server>`, see the registry) and the breaker state is shared, so
+(`Keys.tool_view`, see tools/discovery.py) and the breaker state is shared, so
 an operator sees what the workers see without opening MCP sessions of their own.
 `live=True` first builds a registry in this process (connects, lists through the shared
 cache, publishes), for a fleet with no worker running yet.
@@ -21,7 +21,7 @@ import redis
 
 from swarm_workers.config import Settings
 from swarm_workers.tools.breaker import CircuitBreaker
-from swarm_workers.tools.registry import ToolRegistry, view_key
+from swarm_workers.tools.registry import ToolRegistry
 
 __all__ = ["ToolRow", "rows_json", "tool_rows"]
 
@@ -58,7 +58,7 @@ def tool_rows(
     rows: list[ToolRow] = []
     for server in sorted(settings.tools.servers):
         state = breaker.state(server)
-        raw = client.get(view_key(settings.key_prefix, server))
+        raw = client.get(settings.keys.tool_view(server))
         if raw is None:
             rows.append(
                 ToolRow(
