@@ -33,7 +33,7 @@ import redis
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
-from swarm_workers.processes import (
+from swarm_workers.localfleet import (
     ManagedProcess,
     ProcessGroup,
     free_port,

@@ -33,8 +33,8 @@ import httpx
 import redis
 
 from swarm_workers.client import SwarmClient
+from swarm_workers.localfleet import free_port, wait_until
 from swarm_workers.models import TaskResult
-from swarm_workers.processes import free_port, wait_until
 from tests.tcp_proxy import TcpProxy
 
 __all__ = [

@@ -14,10 +14,10 @@ timeouts and leases are seconds), bounded waits only, no timing assertions beyon
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ import pytest
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import BreakerSettings, load_settings
+from swarm_workers.localfleet import wait_until
 from swarm_workers.models import TaskResult, TaskState
-from swarm_workers.processes import wait_until
 from swarm_workers.tools.breaker import CircuitBreaker
 from tests.counting_llm import tag_prompt
 from tests.fault_support import Census, Fleet, Proc, take_census
@@ -40,16 +40,6 @@ ConfigMaker = Callable[..., Path]
 # (min(10, visibility)), and its leases lapse within lease_ttl_s: seconds, not an hour.
 QUICK_RECOVERY = {"visibility_timeout_s": 6, "task_time_limit_s": 5, "lease_ttl_s": 2}
 MAX_STEPS = 8  # the role default; a cut-short run made at most this many model calls
-
-
-@pytest.fixture(autouse=True)
-def _no_fleet_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shell's SWARM_CONFIG / REDIS_URL must not reach this process's client: the
-    environment outranks `load_settings`' explicit arguments."""
-    for name in list(os.environ):
-        ours = name.startswith(("SWARM_TEST_", "SWARM_FAULTS_"))
-        if name == "REDIS_URL" or (name.startswith("SWARM_") and not ours):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -78,6 +68,10 @@ def _submit(
 
 def _recorded(client: SwarmClient, tasks: dict[str, str]) -> int:
     return sum(r is not None for r in client.results.get_many(list(tasks.values())))
+
+
+def _recorded_at_least(client: SwarmClient, tasks: dict[str, str], n: int) -> bool:
+    return _recorded(client, tasks) >= n
 
 
 def _explain(census: Census, fleet: Fleet) -> str:
@@ -171,12 +165,8 @@ def test_redis_restart_mid_run(fleet: Fleet, swarm_config: ConfigMaker) -> None:
     back_up: list[float] = []
     with _client(config, server.url) as client:
         tasks = _submit(client, 80, "restart")
-        for round_ in (1, 2):
-            wait_until(
-                lambda n=20 * round_: _recorded(client, tasks) >= n,  # type: ignore[misc]
-                60,
-                f"{20 * round_} tasks recorded",
-            )
+        for target in (20, 40):
+            wait_until(partial(_recorded_at_least, client, tasks, target), 60, f"{target} done")
             server.kill()
             time.sleep(2.0)  # down for 2 s
             server.start()
@@ -377,6 +367,65 @@ def _circuit_open(result: TaskResult) -> bool:
 
 def _hostnames(results: dict[str, TaskResult]) -> set[str | None]:
     return {r.worker for r in results.values()}
+
+
+# --------------------------------------------------------------------------- 6
+
+
+def test_one_poison_task_among_50_innocents(
+    fleet: Fleet, swarm_config: ConfigMaker, redis_url: str
+) -> None:
+    """A task that SIGKILLs whatever process runs it, among 50 innocents: the worker
+    dies once (the test restarts it, as a supervisor would); after that the poison and
+    the neighbours it cut short run in child processes, the poison is given up after
+    max_attempts runs, and all 50 innocents succeed."""
+    # Room for a child process's start inside the deadline on a loaded machine.
+    limits = {"visibility_timeout_s": 10, "task_time_limit_s": 9, "lease_ttl_s": 2}
+    config = swarm_config(roles={"default": {"concurrency": 8}}, worker=limits)
+    llm = fleet.llm(latency_ms=300)
+
+    def start() -> Proc:
+        env = {"SWARM_FAILPOINTS": "crash"}
+        return fleet.worker(redis_url=redis_url, config=config, llm=llm, concurrency=8, env=env)
+
+    worker = start()
+    started = time.monotonic()
+    crashed_at: list[float] = []
+    with _client(config, redis_url) as client:
+        tasks = _submit(client, 25, "innocent")
+        poison = client.submit(tag_prompt("poison", "crash"), metadata={"failpoint": "crash"})
+        tasks["poison"] = poison.id
+        tasks |= _submit(client, 25, "innocent-late")
+        give_up = time.monotonic() + 150
+        while _recorded(client, tasks) < len(tasks) and time.monotonic() < give_up:
+            if not worker.alive:  # what a supervisor does: start another
+                crashed_at.append(time.time())
+                worker = start()
+            time.sleep(0.2)
+        census, results = take_census(
+            "one poison task among 50 innocents",
+            client,
+            tasks,
+            llm,
+            max_steps=MAX_STEPS,
+            started=started,
+            timeout=5,
+            recover_from=crashed_at[0] if crashed_at else None,
+            recover_what="worker crash -> last task recorded",
+        )
+    innocents = {t: r for t, r in results.items() if t != "poison"}
+    census.extra.update(
+        worker_crashes=len(crashed_at),
+        innocents_cut_short=sum(r.attempts > 1 for r in innocents.values()),
+    )
+    census.emit()
+    assert census.lost == 0, _explain(census, fleet)
+    assert census.ran_twice == 0, _explain(census, fleet)
+    assert all(r.ok for r in innocents.values()), _explain(census, fleet)
+    verdict = results["poison"]
+    assert verdict.error is not None and verdict.error.type == "TooManyAttempts", verdict
+    assert verdict.attempts == 4  # max_attempts (3) runs cut short, then given up
+    assert len(crashed_at) == 1, _explain(census, fleet)  # later crashes were children's
 
 
 # --------------------------------------------------------------------------- 7
