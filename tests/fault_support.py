@@ -7,8 +7,9 @@ first, when the scenario ends, however it ends.
 
 `take_census` waits (bounded) for every submitted task's recorded result and checks
 the three promises: none lost, none ran to completion twice (the provider's completions
-for a task, beyond the steps of its recorded run, must be explained by runs cut short:
-at most `max_steps` per earlier run), and how many failed. `Census.emit` prints the
+for a task, beyond the steps of its recorded run, must be explained by runs cut short,
+at most `max_steps` per earlier run, plus, for a failed run, the call it gave up on),
+and how many failed. `Census.emit` prints the
 row and appends it to the JSON-lines file named by `SWARM_FAULTS_REPORT`, which is
 where the table of `docs/reliability.md` comes from.
 """
@@ -366,8 +367,12 @@ def take_census(
     completions = {tag: c.get("completions", 0) for tag, c in llm.census().items()}
     ran_twice = []
     for tag, result in results.items():
+        # Calls the recorded run did not count: those of earlier runs that were cut
+        # short (at most max_steps each) and, for a run that ended in a failure such as
+        # a time limit, its last call, answered as the run gave up on it.
         beyond = completions.get(tag, 0) - result.steps
-        if beyond > (result.attempts - 1) * max_steps:
+        allowed = (result.attempts - 1) * max_steps + (0 if result.ok else 1)
+        if beyond > allowed:
             ran_twice.append(tag)
     failures = Counter((r.error.type if r.error else "?") for r in results.values() if not r.ok)
     recover_s = None
