@@ -86,33 +86,41 @@ def main() -> int:
         settings = load_settings(config, redis_url=url)
         with SwarmClient(settings=settings) as client:
             ids = [client.submit(f"window {i}").id for i in range(args.tasks)]
-            print(f"submitted {len(ids)} tasks; {args.kills} SIGKILLs follow")
+            print(f"submitted {len(ids)} tasks; {args.kills} SIGKILLs follow", flush=True)
 
-            def worker(n: int) -> ManagedProcess:
+            def spawn(n: int) -> ManagedProcess:
                 argv = [sys.executable, "-m", "swarm_workers.cli", "worker", "--role", "default"]
                 argv += ["--concurrency", str(args.concurrency), "--hostname", f"k{n}@bench"]
-                proc = group.spawn(f"worker-{n}", argv, env=env, cwd=ROOT)
-                wait_until(lambda: " ready." in proc.output(), 60, f"worker {n}", interval=0.05)
+                return group.spawn(f"worker-{n}", argv, env=env, cwd=ROOT)
+
+            def ready(proc: ManagedProcess) -> ManagedProcess:
+                wait_until(lambda: " ready." in proc.output(), 120, proc.name, interval=0.05)
                 return proc
 
             kills = 0
             popping_at_kill = 0
             started = time.monotonic()
+            upcoming = spawn(0)
             for n in range(args.kills):
                 if conn.llen(QUEUE) == 0:
                     print("the queue ran dry; stopping the kill loop early")
                     break
-                proc = worker(n)
+                proc = ready(upcoming)
+                # The next victim boots while this one consumes: a worker's start is
+                # the slow part of the loop, and two consumers only add deliveries.
+                upcoming = spawn(n + 1)
                 time.sleep(rng.uniform(args.min_life_s, args.max_life_s))
                 popping_at_kill += conn.llen(QUEUE) > 0
                 proc.proc.send_signal(signal.SIGKILL)
                 proc.proc.wait(10)
                 kills += 1
+                if kills % 10 == 0:
+                    print(f"  {kills} kills, {_recorded(client, ids)} tasks recorded", flush=True)
             kill_loop_s = time.monotonic() - started
             before_drain = _recorded(client, ids)
             print(f"{kills} kills in {kill_loop_s:.0f}s; {before_drain} tasks recorded so far")
 
-            drainer = worker(args.kills)
+            drainer = ready(upcoming)
             last_progress, done = time.monotonic(), _recorded(client, ids)
             # Drained when every task is recorded, or nothing moved for long enough for
             # everything in the unacked hash to have come back (visibility + restore).

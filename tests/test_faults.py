@@ -131,7 +131,7 @@ def test_sigkill_worker_mid_run_of_100_tasks(
             llm,
             max_steps=MAX_STEPS,
             started=started,
-            timeout=120,
+            timeout=60,
             recover_from=killed_at,
             recover_what="kill -> last task recorded",
         )
@@ -178,7 +178,7 @@ def test_redis_restart_mid_run(fleet: Fleet, swarm_config: ConfigMaker) -> None:
             llm,
             max_steps=MAX_STEPS,
             started=started,
-            timeout=120,
+            timeout=60,
         )
     resumed = [_first_finished_after(results, t) for t in back_up]
     census.recover_s = max((r for r in resumed if r is not None), default=None)
@@ -227,7 +227,7 @@ def test_dropped_redis_connections_fail_nothing(fleet: Fleet, swarm_config: Conf
             llm,
             max_steps=MAX_STEPS,
             started=started,
-            timeout=90,
+            timeout=40,
         )
     census.recover_s = _first_finished_after(results, calm_at)
     census.recover_what = "cutting stops -> first task recorded"
@@ -268,7 +268,7 @@ def test_provider_500s_for_a_while(fleet: Fleet, swarm_config: ConfigMaker, redi
             llm,
             max_steps=MAX_STEPS,
             started=started,
-            timeout=90,
+            timeout=60,
         )
     census.recover_s = _first_finished_after({t: r for t, r in results.items() if r.ok}, healed_at)
     census.recover_what = "provider healthy -> first task succeeded"
@@ -337,7 +337,7 @@ def test_mcp_server_down_opens_the_breaker_fleet_wide(
             llm,
             max_steps=MAX_STEPS,
             started=started,
-            timeout=90,
+            timeout=60,
         )
         final_state = circuit.state("flaky").state
     answered = {t: r for t, r in results.items() if r.tool_calls and r.tool_calls[0].ok}
