@@ -10,7 +10,7 @@ the three promises: none lost, none ran to completion twice (the provider's comp
 for a task, beyond the steps of its recorded run, must be explained by runs cut short,
 at most `max_steps` per earlier run, plus, for a failed run, the call it gave up on),
 and how many failed. `Census.emit` prints the
-row and appends it to the JSON-lines file named by `SWARM_FAULTS_REPORT`, which is
+row and appends it to the JSON-lines file named by `SWARM_TEST_FAULTS_REPORT`, which is
 where the table of `docs/reliability.md` comes from.
 """
 
@@ -323,7 +323,7 @@ class Census:
     def emit(self) -> None:
         row = asdict(self) | {"at": datetime.now().isoformat(timespec="seconds")}
         print(f"\nFAULT CENSUS {json.dumps(row)}")
-        path = os.environ.get("SWARM_FAULTS_REPORT")
+        path = os.environ.get("SWARM_TEST_FAULTS_REPORT")
         if path:
             with open(path, "a") as out:
                 out.write(json.dumps(row) + "\n")

@@ -4,7 +4,7 @@ Each scenario breaks one thing while tasks run, then takes a census (`fault_supp
 every submitted task has exactly one recorded result (none lost), no task ran to
 completion twice (the counting fake provider's completions per task, against the
 steps of its recorded run and the runs cut short before it), and how many failed and
-why. Each prints its row (`FAULT CENSUS {...}`) and appends it to `$SWARM_FAULTS_REPORT`
+why. Each prints its row (`FAULT CENSUS {...}`) and appends it to `$SWARM_TEST_FAULTS_REPORT`
 when set: `docs/reliability.md` has the table and what each duration was scaled down from.
 
 Durations are scaled down from the issue's (30 s outages become 6 s; visibility
