@@ -16,6 +16,7 @@ where the table of `docs/reliability.md` comes from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -188,6 +190,9 @@ class Fleet:
     procs: list[Proc] = field(default_factory=list)
     workers: list[Proc] = field(default_factory=list)
     proxies: list[TcpProxy] = field(default_factory=list)
+    # In every worker's environment, so the processes a worker starts (isolated runs)
+    # can be found and stopped even after the worker died and they were re-parented.
+    tag: str = field(default_factory=lambda: f"faults-{uuid.uuid4().hex}")
 
     def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
         log = self.tmp_path / f"{name}.log"
@@ -263,6 +268,7 @@ class Fleet:
             SWARM_LLM_BASE_URL=llm.base_url,
             SWARM_WORKER_HEARTBEAT_FILE=str(heartbeat),
             SWARM_WORKER_HEARTBEAT_INTERVAL_S="0.5",
+            LOCALFLEET_TAG=self.tag,
             **(env or {}),
         )
         proc = self.spawn(f"worker-{index}", argv, proc_env)
@@ -300,6 +306,25 @@ class Fleet:
                 proc.popen.kill()
         for proxy in self.proxies:
             proxy.close()
+        for pid in tagged_processes(self.tag):  # orphans of SIGKILLed workers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of live processes whose environment has LOCALFLEET_TAG=`tag`."""
+    needle = f"LOCALFLEET_TAG={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                if needle in environ.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
 
 
 # --------------------------------------------------------------------------- census
