@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +40,21 @@ from swarm_workers.localfleet import (
 from swarm_workers.localfleet.fleet import file_settings
 from swarm_workers.localfleet.toml import write_toml
 from swarm_workers.models import TaskResult
+
+
+def profile(pid: int, concurrency: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+    """`py-spy record --gil` on the worker for `--py-spy-s` s (collapsed stacks), if asked."""
+    if args.py_spy is None:
+        return None
+    args.py_spy.mkdir(parents=True, exist_ok=True)
+    out = args.py_spy / f"inflight-{concurrency}.txt"
+    argv = ["py-spy", "record", "--gil", "--pid", str(pid), "--format", "raw", "--rate", "50"]
+    argv += ["--duration", str(int(args.py_spy_s)), "--output", str(out), "--nonblocking"]
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("py-spy")), *argv[1:]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def one_run(
@@ -73,7 +90,12 @@ def one_run(
             ready_timeout=None,
         )
         with ProcWatch(worker.process.pid) as watch:
-            results: list[TaskResult] = [client.result(i, timeout=args.timeout) for i in ids]
+            results: list[TaskResult] = [client.result(ids[0], timeout=args.timeout)]
+            # The first wave is in flight and answered: profile from here on.
+            spy = profile(worker.process.pid, concurrency, args)
+            results += [client.result(i, timeout=args.timeout) for i in ids[1:]]
+        if spy is not None:
+            spy.wait(timeout=args.py_spy_s + 60)
         worker.stop()
     failed = [r for r in results if not r.ok]
     first = min(r.timings.started_at for r in results)
@@ -109,6 +131,8 @@ def main() -> int:
     parser.add_argument(
         "--default-pool", action="store_true", help="keep llm.max_connections at its default"
     )
+    parser.add_argument("--py-spy", type=Path, help="py-spy the worker into DIR (collapsed)")
+    parser.add_argument("--py-spy-s", type=float, default=30.0, help="seconds of py-spy")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -167,7 +191,9 @@ def main() -> int:
             ],
         )
     )
-    write_json(args.json, {"args": vars(args) | {"json": None}, "runs": runs})
+    write_json(
+        args.json, {"args": vars(args) | {"json": None, "py_spy": str(args.py_spy)}, "runs": runs}
+    )
     return 1 if any(r["failed"] for r in runs) else 0
 
 

@@ -26,6 +26,7 @@ import argparse
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,6 +114,35 @@ class Meter:
         time.sleep(1.0)  # the last task events and acks
 
 
+def trace(url: str, work: Callable[[], None]) -> list[str]:
+    """Every command Redis runs while `work` runs (MONITOR): `[lua]` marks a script's own."""
+    lines: list[str] = []
+    listening = threading.Event()
+    stop = threading.Event()
+
+    def listen() -> None:
+        with redis.Redis.from_url(url).monitor() as monitor:
+            listening.set()
+            for command in monitor.listen():
+                if stop.is_set():
+                    return
+                where = (
+                    "[lua]" if command.get("client_type") == "lua" else command.get("client_port")
+                )
+                text = str(command["command"])
+                lines.append(f"{where} {text[:110]}{'...' if len(text) > 110 else ''}")
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    listening.wait(5)
+    time.sleep(0.2)
+    work()
+    stop.set()
+    redis.Redis.from_url(url).ping()  # wakes the listener
+    thread.join(5)
+    return lines
+
+
 def scenario(
     name: str,
     group: ProcessGroup,
@@ -187,9 +217,27 @@ def scenario(
                 meter.wait_done(fake, units, args.timeout)
 
         total = meter.run(run)
+        traced: list[str] = []
+        if args.trace:
+            fake.reset()
+
+            def one() -> None:
+                if name == "dag node":
+                    join = Node("join", "traced join", deps=["a", "b"])
+                    client.submit_dag([Node("a", "traced a"), Node("b", "traced b"), join]).wait(60)
+                else:
+                    client.submit("traced", priority="P1").result(60)
+
+            traced = trace(server_url, one)
     worker.stop()
     flush.close()
-    return {"scenario": name, "units": units, "producer": producer, "total": total}
+    return {
+        "scenario": name,
+        "units": units,
+        "producer": producer,
+        "total": total,
+        "trace": traced,
+    }
 
 
 def redis_ops_per_s(port: int, args: argparse.Namespace) -> dict[str, float]:
@@ -232,6 +280,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument(
         "--scenarios", nargs="+", default=["plain", "dag node", "bucketed"], metavar="NAME"
+    )
+    parser.add_argument(
+        "--trace", action="store_true", help="also MONITOR one task (DAG: 2 leaves + join)"
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -308,6 +359,14 @@ def main() -> int:
             f"{r['scenario']}: "
             + ", ".join(f"{name} {count / r['units']:.2f}" for name, count in top[:14])
         )
+    for r in results:
+        if r["trace"]:
+            lua = sum(line.startswith("[lua]") for line in r["trace"])
+            print(
+                f"\n{r['scenario']}: MONITOR of one (DAG: 2 leaves + join), "
+                f"{len(r['trace']) - lua} client commands, {lua} inside scripts"
+            )
+            print("\n".join(r["trace"]))
     write_json(
         args.json,
         {"args": vars(args) | {"json": None}, "ops_per_s": ops, "scenarios": results},

@@ -65,9 +65,8 @@ def timed(work: Callable[[], int]) -> float:
     return count / (time.perf_counter() - start)
 
 
-def side(name: str, config: Path, redis_url: str, args: argparse.Namespace) -> float:
+def side(name: str, config: Path, app: Celery, args: argparse.Namespace) -> float:
     if name.startswith("bare"):
-        app = bare_app(redis_url)
         ask = app.tasks["bare.ask"]
         app.send_task("bare.ask", args=["warm-up"])  # connection and declare, as submit's
 
@@ -79,10 +78,7 @@ def side(name: str, config: Path, redis_url: str, args: argparse.Namespace) -> f
                     ask.apply_async(args=[f"bench task {i}"])
             return args.tasks
 
-        try:
-            return timed(bare)
-        finally:
-            app.close()
+        return timed(bare)
     with SwarmClient(settings=file_settings(config)) as client:
         client.submit("warm-up", priority="P1")
 
@@ -171,17 +167,19 @@ def main() -> int:
         # Default settings: P1's high-water mark (50,000) is above a round's backlog.
         config = write_toml(workdir / "swarm.toml", {"redis_url": server.url})
         flush = redis.Redis.from_url(server.url)
+        app = bare_app(server.url)  # one app: Celery registers a task name once a process
         for n in range(args.rounds):
             order = SIDES if n % 2 == 0 else SIDES[::-1]
             for name in order:
                 flush.flushdb()
                 wait_until(lambda: flush.dbsize() == 0, 5, "an empty Redis")
-                rate = side(name, config, server.url, args)
+                rate = side(name, config, app, args)
                 rates[name].append(rate)
                 print(f"round {n + 1} {name:18s} {rate:8.0f} tasks/s", flush=True)
         flush.flushdb()
         cli = cli_file(workdir, config, args)
         flush.close()
+        app.close()
     medians = {name: statistics.median(values) for name, values in rates.items()}
     print(f"\none producer thread, medians of {args.rounds} rounds, sides alternated")
     print(
