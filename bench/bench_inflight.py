@@ -116,6 +116,9 @@ def one_run(
         "run_s_median": statistics.median(runs),
         "run_s_max": max(runs),
         "peak_rss_mb": watch.peak_rss_mb,
+        "worker_cpu_s": watch.cpu_s,
+        "cpu_ms_per_task": watch.cpu_s * 1000 / count,
+        "worker_cpu_share": watch.cpu_s / span,
         "peak_threads": watch.peak_threads,
         "samples": watch.samples,
         "max_connections": llm.get("max_connections", 512),
@@ -173,6 +176,8 @@ def main() -> int:
                 "task run p50 / max",
                 "peak RSS",
                 "threads",
+                "worker CPU / task",
+                "worker CPU use",
                 "failed",
             ],
             [
@@ -185,6 +190,8 @@ def main() -> int:
                     f"{r['run_s_median']:.1f} / {r['run_s_max']:.1f} s",
                     f"{r['peak_rss_mb']:.0f} MB",
                     r["peak_threads"],
+                    f"{r['cpu_ms_per_task']:.1f} ms",
+                    f"{r['worker_cpu_share']:.0%} of a core",
                     r["failed"],
                 ]
                 for r in runs

@@ -125,6 +125,10 @@ def cli_file(group_dir: Path, config: Path, args: argparse.Namespace) -> dict[st
     done = subprocess.run(argv, env=child_env(), capture_output=True, timeout=300, check=False)
     elapsed = time.perf_counter() - start
     printed = len(done.stdout.splitlines())
+    if args.profile is not None:  # the same command again, under pyinstrument
+        profiled = [sys.executable, "-m", "pyinstrument", "-o"]
+        profiled += [str(args.profile / "swarm_submit_file.txt"), "-m", *argv[2:]]
+        subprocess.run(profiled, env=child_env(), capture_output=True, timeout=300, check=False)
     # The same process with nothing to submit: what the interpreter and imports cost.
     start = time.perf_counter()
     subprocess.run(

@@ -29,6 +29,7 @@ __all__ = [
     "RedisCounters",
     "machine",
     "percentile",
+    "proc_cpu_s",
     "proc_status",
     "table",
     "write_json",
@@ -81,6 +82,13 @@ def proc_status(pid: int) -> dict[str, int]:
     return found
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (its threads included)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class ProcWatch:
     """Samples a process's RSS and thread count every `interval_s` in a thread.
@@ -96,6 +104,9 @@ class ProcWatch:
     peak_hwm_kb: int = 0
     peak_threads: int = 0
     samples: int = 0
+    cpu_s: float = 0.0  # used while watched
+    _cpu_start: float = 0.0
+    _cpu_last: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -109,6 +120,11 @@ class ProcWatch:
             status = proc_status(self.pid)
         except OSError:
             return
+        try:
+            self._cpu_last = proc_cpu_s(self.pid)
+        except OSError:
+            return
+        self.cpu_s = self._cpu_last - self._cpu_start
         self.samples += 1
         self.peak_rss_kb = max(self.peak_rss_kb, status.get("VmRSS", 0))
         self.peak_hwm_kb = max(self.peak_hwm_kb, status.get("VmHWM", 0))
@@ -119,6 +135,7 @@ class ProcWatch:
         return max(self.peak_rss_kb, self.peak_hwm_kb) / 1024
 
     def __enter__(self) -> ProcWatch:
+        self._cpu_start = proc_cpu_s(self.pid)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
