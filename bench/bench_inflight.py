@@ -102,7 +102,8 @@ def one_run(
     last = max(r.timings.finished_at for r in results)
     span = (last - first).total_seconds()
     rate = count / span
-    ideal = concurrency / (args.latency_ms / 1000)
+    # At 0 ms nothing bounds the ideal: the rate is then all the CPU allows.
+    ideal = concurrency / (args.latency_ms / 1000) if args.latency_ms > 0 else float("inf")
     runs = [r.timings.run_s for r in results]
     return {
         "concurrency": concurrency,
