@@ -5,8 +5,10 @@ threads pool with the same concurrency, acks late, prefetch off, the same redis-
 as broker and result backend, the same fake provider (`swarm fake-llm`) at the same
 latency, the same `openai` SDK call. The bare side is `bench/bare_celery.py`; the swarm
 side is `swarm worker --role default` with default settings (bucket off: no limits are
-configured). Each round queues the backlog first, then starts the worker, and measures
-the drain from the first task start to the last task finish. Medians over rounds; the
+configured), twice: with the task events Flower reads (the default) and without
+(`worker.task_events = false`); the bare worker sends none, as Celery's default.
+Each round queues the backlog first, then starts the worker, and measures the drain
+from the first task start to the last task finish. Medians over rounds; the
 ratio swarm / bare is printed last.
 
     python bench/bench_overhead.py --tasks 2000 --rounds 3 --latency-ms 1000 --concurrency 250
@@ -73,16 +75,27 @@ def bare_round(
 
 
 def swarm_round(
-    group: ProcessGroup, config: Path, workdir: Path, args: argparse.Namespace, n: int
+    group: ProcessGroup,
+    config: Path,
+    workdir: Path,
+    args: argparse.Namespace,
+    n: int,
+    events: bool,
 ) -> float:
     with SwarmClient(settings=file_settings(config)) as client:
         tasks = [client.build_task(f"bench task {i}", priority="P1") for i in range(args.tasks)]
         for task in tasks:
             client.enqueue(task)
+        spec = WorkerSpec(
+            concurrency=args.concurrency,
+            loglevel="WARNING",
+            heartbeat_interval_s=None,
+            env={"SWARM_WORKER_TASK_EVENTS": "true" if events else "false"},
+        )
         worker = start_worker(
             group,
-            WorkerSpec(concurrency=args.concurrency, loglevel="WARNING", heartbeat_interval_s=None),
-            name=f"swarm-worker-{n}",
+            spec,
+            name=f"swarm-worker-{n}-{'events' if events else 'quiet'}",
             workdir=workdir,
             config=config,
             ready_timeout=None,
@@ -93,6 +106,9 @@ def swarm_round(
     first = min(r.timings.started_at for r in results)
     last = max(r.timings.finished_at for r in results)
     return args.tasks / (last - first).total_seconds()
+
+
+SIDES = ("bare", "swarm", "swarm-no-events")
 
 
 def main() -> int:
@@ -117,32 +133,34 @@ def main() -> int:
             },
         )
         flush = redis.Redis.from_url(server.url)
-        rates: dict[str, list[float]] = {"bare": [], "swarm": []}
+        rates: dict[str, list[float]] = {side: [] for side in SIDES}
         for n in range(args.rounds):
-            for side in ("bare", "swarm") if n % 2 == 0 else ("swarm", "bare"):
+            for side in SIDES if n % 2 == 0 else tuple(reversed(SIDES)):
                 flush.flushdb()
                 wait_until(lambda: flush.dbsize() == 0, 5, "an empty Redis")
                 if side == "bare":
                     rate = bare_round(group, server.url, llm.base_url, args)
                 else:
-                    rate = swarm_round(group, config, workdir, args, n)
+                    rate = swarm_round(group, config, workdir, args, n, side == "swarm")
                 rates[side].append(rate)
-                print(f"round {n + 1} {side:5s} {rate:7.1f} tasks/s", flush=True)
-        bare, swarm = statistics.median(rates["bare"]), statistics.median(rates["swarm"])
+                print(f"round {n + 1} {side:15s} {rate:7.1f} tasks/s", flush=True)
+        bare, swarm, quiet = (statistics.median(rates[side]) for side in SIDES)
         print(
             f"\nlatency {args.latency_ms:g} ms, concurrency {args.concurrency}, "
             f"{args.tasks} tasks x {args.rounds} rounds (medians)"
         )
-        print(f"| bare Celery + openai | {bare:7.1f} tasks/s |")
-        print(f"| swarm worker         | {swarm:7.1f} tasks/s |")
-        print(f"swarm / bare = {swarm / bare:.2f}")
+        print(f"| bare Celery + openai          | {bare:7.1f} tasks/s |")
+        print(f"| swarm worker (task events)    | {swarm:7.1f} tasks/s |")
+        print(f"| swarm worker (no task events) | {quiet:7.1f} tasks/s |")
+        print(f"swarm / bare = {swarm / bare:.2f} (without task events: {quiet / bare:.2f})")
         if args.json:
-            args.json.write_text(
-                json.dumps(
-                    {"args": vars(args) | {"json": None}, "rates": rates, "ratio": swarm / bare},
-                    indent=2,
-                )
-            )
+            figures = {
+                "args": vars(args) | {"json": None},
+                "rates": rates,
+                "ratio": swarm / bare,
+                "ratio_without_events": quiet / bare,
+            }
+            args.json.write_text(json.dumps(figures, indent=2))
         return 0
 
 

@@ -1,8 +1,11 @@
 """swarm_workers: a production worker fleet for LLM agent swarms on Celery and Redis.
 
->>> from swarm_workers import SwarmClient
->>> client = SwarmClient("redis://127.0.0.1:6379/0")     # doctest: +SKIP
->>> client.submit("Summarise X", priority="P0").result(timeout=60).output  # doctest: +SKIP
+Usage, with a worker running (`swarm worker`; README "Using it from Python")::
+
+    from swarm_workers import SwarmClient
+
+    client = SwarmClient("redis://127.0.0.1:6379/0")
+    client.submit("Summarise X", priority="P0").result(timeout=60).output
 """
 
 from __future__ import annotations
@@ -11,19 +14,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from swarm_workers.client import SwarmClient, TaskHandle
+    from swarm_workers.cancellation import CancelReport
+    from swarm_workers.client import Replayed, SwarmClient, TaskHandle
     from swarm_workers.config import Settings, load_settings
     from swarm_workers.dag import DagHandle, DagSpec, DagStatus, Node
+    from swarm_workers.deadletters import DeadLetter
     from swarm_workers.errors import (
         Backpressure,
+        BrokerUnavailable,
         ConfigError,
         DagError,
+        InvalidDag,
         InvalidTask,
         PayloadTooLarge,
         ProviderError,
         RateLimited,
         ResultTimeout,
         SwarmError,
+        TaskCancelled,
         ToolError,
         UnknownRole,
     )
@@ -31,6 +39,12 @@ if TYPE_CHECKING:
 
 # Imported on first use: `python -m swarm_workers.fakes...` must not pay for Celery.
 _EXPORTS = {
+    "BrokerUnavailable": "errors",
+    "CancelReport": "cancellation",
+    "DeadLetter": "deadletters",
+    "InvalidDag": "errors",
+    "Replayed": "client",
+    "TaskCancelled": "errors",
     "DagHandle": "dag",
     "DagSpec": "dag",
     "DagStatus": "dag",
@@ -60,21 +74,27 @@ _EXPORTS = {
 __all__ = [
     "AgentTask",
     "Backpressure",
+    "BrokerUnavailable",
+    "CancelReport",
     "ConfigError",
     "DagError",
     "DagHandle",
     "DagSpec",
     "DagStatus",
+    "DeadLetter",
+    "InvalidDag",
     "InvalidTask",
     "Node",
     "PayloadTooLarge",
     "Priority",
     "ProviderError",
     "RateLimited",
+    "Replayed",
     "ResultTimeout",
     "Settings",
     "SwarmClient",
     "SwarmError",
+    "TaskCancelled",
     "TaskHandle",
     "TaskResult",
     "TaskState",

@@ -13,8 +13,10 @@ running task hears at once.
 The flag lives under the task's own hash tag and is removed when the task records its
 outcome, so a cancelled task leaves its result and nothing else.
 
->>> Canceller(redis.Redis(), settings).cancel("3f2a...").outcome   # doctest: +SKIP
-'cancelled'
+Usage::
+
+    Canceller(redis.Redis(), settings).cancel("3f2a...").outcome
+    # -> 'cancelled'
 """
 
 from __future__ import annotations

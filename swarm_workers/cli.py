@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -196,6 +197,54 @@ def task(
 
     with SwarmClient(settings=_settings(config)) as client:
         typer.echo(client.status(task_id).model_dump_json(indent=2))
+
+
+@app.command()
+def tree(
+    task_id: Annotated[str, typer.Argument(help="A supervisor's task id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """A swarm supervisor's sub-agents (live while it runs): status, tokens, cost, times,
+    and the critical path against the sequential time. Exits 1 if it spawned nothing."""
+    from rich.tree import Tree
+
+    from swarm_workers.client import SwarmClient
+    from swarm_workers.models import SubAgent
+
+    with SwarmClient(settings=_settings(config)) as client:
+        found = client.tree(task_id)
+        state = client.status(task_id).state.value
+    if found is None:
+        console.print(f"task {task_id} ({state}) has no sub-agents")
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(found.model_dump_json(indent=2))
+        return
+    speedup = f"{found.speedup:.1f}x" if found.speedup is not None else "-"
+    root = Tree(
+        f"[bold]{task_id}[/bold] {state}: {found.total_agents} sub-agents in {found.rounds} "
+        f"round(s), tokens {found.prompt_tokens}+{found.completion_tokens}, "
+        f"${found.cost_usd:.6f}; wall {found.wall_s or 0:.2f}s, critical path "
+        f"{found.critical_path_s:.2f}s, sequential {found.sequential_s:.2f}s ({speedup})"
+    )
+
+    def add(branch: Tree, agents: tuple[SubAgent, ...]) -> None:
+        for agent in agents:
+            colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(
+                agent.status, "cyan"
+            )
+            run = f"{agent.run_s:.2f}s" if agent.run_s is not None else "-"
+            label = (
+                f"{agent.task_id} [{colour}]{agent.status}[/{colour}] {agent.role} r{agent.round}"
+                f" tokens {agent.prompt_tokens}+{agent.completion_tokens} run {run}"
+            )
+            if agent.error is not None:
+                label += f" ({agent.error.type})"
+            add(branch.add(label), agent.children)
+
+    add(root, found.children)
+    console.print(root)
 
 
 @app.command()
@@ -507,20 +556,43 @@ def exporter(
 def flower(
     ctx: typer.Context,
     port: Annotated[int, typer.Option(help="Port of the web UI.")] = 5555,
+    no_auth: Annotated[
+        bool,
+        typer.Option("--no-auth", help="Serve without authentication (a local machine only)."),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Start Flower on the fleet's broker. Basic auth from FLOWER_BASIC_AUTH=user:pass
-    (read by Flower from the environment).
+    """Start Flower on the fleet's broker, behind basic auth.
 
-    Task arguments show as a redacted summary (role, priority, id, prompt length):
-    producers set Celery's argsrepr, never the prompt. Extra options go to Flower.
+    Credentials come from FLOWER_BASIC_AUTH=user:pass, or from the file
+    FLOWER_BASIC_AUTH_FILE names (a mounted secret): never from argv, which `ps`
+    shows. Without either, Flower does not start unless --no-auth is given.
+
+    Task arguments show as a redacted summary (role, priority, id, prompt length) and
+    task results as id, status, output size and tokens: agent outputs stay out of
+    Flower while `redact_prompts` is on (set it to false to see them). Workers send
+    the task events Flower shows unless `worker.task_events = false`. Extra options go
+    to Flower.
     """
 
     from swarm_workers.celery_app import create_app
 
     settings = _settings(config)
-    # Flower reads FLOWER_* variables itself (FLOWER_BASIC_AUTH, FLOWER_OAUTH2_SECRET,
-    # ...): credentials stay in the environment, never on an argv that `ps` shows.
+    if not os.environ.get("FLOWER_BASIC_AUTH"):
+        secret = os.environ.get("FLOWER_BASIC_AUTH_FILE")
+        if secret:
+            try:
+                # Flower reads FLOWER_* itself: the credentials stay in the environment.
+                os.environ["FLOWER_BASIC_AUTH"] = Path(secret).read_text().strip()
+            except OSError as exc:
+                console.print(f"[red]cannot read FLOWER_BASIC_AUTH_FILE {secret}:[/red] {exc}")
+                raise typer.Exit(2) from None
+        elif not no_auth:
+            console.print(
+                "[red]no credentials:[/red] set FLOWER_BASIC_AUTH=user:pass or "
+                "FLOWER_BASIC_AUTH_FILE=/path, or pass --no-auth for a local machine"
+            )
+            raise typer.Exit(2)
     create_app(settings).start(argv=["flower", f"--port={port}", *ctx.args])
 
 

@@ -1,8 +1,10 @@
 """The producer's API: validate, route, enqueue, and wait for results.
 
->>> client = SwarmClient("redis://127.0.0.1:6379/0")          # doctest: +SKIP
->>> handle = client.submit("Summarise X", role="default", priority="P0")  # doctest: +SKIP
->>> handle.result(timeout=60).output                           # doctest: +SKIP
+Usage::
+
+    client = SwarmClient("redis://127.0.0.1:6379/0")
+    handle = client.submit("Summarise X", role="default", priority="P0")
+    handle.result(timeout=60).output
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from swarm_workers.agent.budget import context_window
+from swarm_workers.agent.checkpoint import CheckpointStore
 from swarm_workers.cancellation import Canceller, CancelReport
 from swarm_workers.celery_app import SwarmCelery, create_app, send_agent_task, send_agent_tasks
 from swarm_workers.config import Settings, load_settings
@@ -32,6 +35,7 @@ from swarm_workers.idempotency import IdempotencyKeys
 from swarm_workers.models import (
     AgentTask,
     Priority,
+    SwarmTree,
     TaskResult,
     TaskStatus,
     new_task_id,
@@ -42,6 +46,8 @@ from swarm_workers.queues import queue_name
 from swarm_workers.ratelimit.admission import AdmissionControl
 from swarm_workers.redis_client import redis_client
 from swarm_workers.results import ResultStore
+from swarm_workers.swarm import Spawner
+from swarm_workers.swarm.tree import build_tree, cancel_tree
 
 __all__ = ["Replayed", "SwarmClient", "TaskHandle"]
 
@@ -59,9 +65,11 @@ class Replayed(BaseModel):
 class TaskHandle:
     """A submitted task: its id, and a way to wait for its result.
 
-    >>> handle = client.submit("Summarise X")      # doctest: +SKIP
-    >>> handle.result(timeout=60).status           # doctest: +SKIP
-    'succeeded'
+    Usage::
+
+        handle = client.submit("Summarise X")
+        handle.result(timeout=60).status
+        # -> 'succeeded'
     """
 
     def __init__(self, client: SwarmClient, task_id: str, task: AgentTask | None = None) -> None:
@@ -107,6 +115,8 @@ class SwarmClient:
         self.canceller = Canceller(self.redis, settings)
         self.idempotency = IdempotencyKeys(self.redis, settings)
         self.deadletters = DeadLetterStore(self.redis, settings)
+        self.checkpoints = CheckpointStore(self.redis, settings.keys, settings.limits.result_ttl_s)
+        self.spawner = Spawner(self.redis, settings)
 
     def build_task(
         self,
@@ -296,8 +306,32 @@ class SwarmClient:
         return self.results.status(task_id)
 
     def cancel(self, task_id: str) -> CancelReport:
-        """Cancel a task: see `cancellation.Canceller.cancel` for the four answers."""
-        return self.canceller.cancel(task_id)
+        """Cancel a task: see `cancellation.Canceller.cancel` for the four answers.
+
+        A swarm supervisor's whole tree goes with it: every sub-agent its ledgers name
+        is cancelled too. A supervisor waiting for its sub-agents holds no lease and sits
+        in no queue; its checkpoint says it exists.
+        """
+        known = self.checkpoints.load(task_id) is not None
+        report = self.canceller.cancel(task_id, known=known)
+        cancel_tree(self.spawner, self.canceller, task_id)
+        return report
+
+    def tree(self, task_id: str) -> SwarmTree | None:
+        """A supervisor's sub-agents: from its result once recorded, else live from its
+        ledger; None for a task that has spawned nothing (or an unknown id)."""
+        result = self.results.get(task_id)
+        if result is not None:
+            return result.swarm
+        checkpoint = self.checkpoints.load(task_id)
+        if checkpoint is None:
+            return None
+        return build_tree(
+            self.spawner,
+            task_id,
+            started_at=checkpoint.started_at,
+            own_model_s=checkpoint.own_model_s,
+        )
 
     # ----------------------------------------------------------------- dead letters
 

@@ -45,6 +45,7 @@ from swarm_workers.models import Priority, RoleName
 
 __all__ = [
     "DEFAULT_BUDGETS",
+    "DEFAULT_LLM_BASE_URL",
     "AdmissionSettings",
     "BreakerSettings",
     "DeadLetterSettings",
@@ -78,6 +79,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class SpawnSettings(_Section):
+    """What a supervisor role's `swarm__spawn` may do (`spawn = true`: these defaults).
+
+    >>> SpawnSettings(max_per_spawn=20, tree_budget=200_000).max_depth
+    1
+    """
+
+    max_per_spawn: int = Field(100, ge=1, le=1000, description="Sub-agents in one call.")
+    max_total: int = Field(500, ge=1, description="Sub-agents in the whole tree of one root.")
+    max_depth: int = Field(
+        1, ge=1, le=8, description="Levels of sub-agents below the root (1: children only)."
+    )
+    tree_budget: int | None = Field(
+        None, ge=1, description="Output tokens the whole tree's sub-agents may draw."
+    )
+
+
 class RoleSettings(_Section):
     """A worker pool's specialisation: model, prompt, tools, defaults."""
 
@@ -89,6 +107,18 @@ class RoleSettings(_Section):
     concurrency: int = Field(64, ge=1, le=2000, description="Threads in the worker's pool.")
     max_steps: int = Field(8, ge=1, le=100)
     budgets: dict[Priority, int] = Field(default_factory=dict)
+    spawn: SpawnSettings | None = Field(
+        None, description="A supervisor: offered `swarm__spawn` (`spawn = true` for defaults)."
+    )
+
+    @field_validator("spawn", mode="before")
+    @classmethod
+    def _spawn_flag(cls, value: object) -> object:
+        if value is True:
+            return SpawnSettings()
+        if value is False:
+            return None
+        return value
 
     @field_validator("budgets")
     @classmethod
@@ -109,8 +139,12 @@ class ModelPrice(_Section):
     output: float = Field(ge=0)
 
 
+DEFAULT_LLM_BASE_URL = "http://127.0.0.1:8400/v1"
+"""Where `swarm fake-llm` listens by default: the endpoint when none is configured."""
+
+
 class LLMSettings(_Section):
-    base_url: str = "http://127.0.0.1:8400/v1"
+    base_url: str = DEFAULT_LLM_BASE_URL
     api_key: SecretStr | None = None
     api_key_file: Path | None = Field(None, description="Read the key from this file.")
     model: str = "fake-gpt"
@@ -244,6 +278,11 @@ class WorkerSettings(_Section):
     lease_ttl_s: float = Field(30.0, ge=1, le=3600)
     # A task whose earlier run was cut short runs in a child process (`isolation`).
     isolate_suspects: bool = True
+    # How long a run retries Redis (a failover, a dropped connection) before its message
+    # goes back on the queue with the run uncounted.
+    redis_retry_s: float = Field(30.0, ge=0, le=600)
+    # Task events for Flower (received, started, succeeded): off saves CPU per task.
+    task_events: bool = True
     heartbeat_file: Path = Path("/tmp/swarm-worker.heartbeat")
     heartbeat_interval_s: float = Field(5.0, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)

@@ -68,11 +68,15 @@ class DemoReport:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     seconds: float = 0.0
+    swarm: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.dag_state == "succeeded" and all(
-            n["state"] == NodeState.DONE.value for n in self.nodes.values()
+        swarm_ok = not self.swarm or self.swarm.get("status") == "succeeded"
+        return (
+            swarm_ok
+            and self.dag_state == "succeeded"
+            and all(n["state"] == NodeState.DONE.value for n in self.nodes.values())
         )
 
 
@@ -136,6 +140,8 @@ def _run(
                     break
                 time.sleep(0.25)
         console.print()
+        if not real_llm:
+            _swarm(client, report, console, agents=4 if fast else 8, timeout_s=timeout_s)
     _fill(report, status)
     report.seconds = round(time.monotonic() - started, 1)
     _summary(console, report, status)
@@ -144,6 +150,32 @@ def _run(
             console.print(f"[dim]--- {proc.name} log (tail) ---[/dim]")
             console.print(proc.output()[-1500:], markup=False)
     return report
+
+
+def _swarm(
+    client: SwarmClient, report: DemoReport, console: Console, *, agents: int, timeout_s: float
+) -> None:
+    """A supervisor (the research role may spawn) fans out to sub-agents and synthesises."""
+    prompt = f"SPAWN {agents} roles=summarize,review"
+    with console.status(f"a research supervisor spawns {agents} sub-agents..."):
+        result = client.submit(prompt, role="research").result(timeout=timeout_s)
+    tree = result.swarm
+    report.swarm = {
+        "task_id": result.task_id,
+        "status": result.status,
+        "sub_agents": tree.total_agents if tree else 0,
+        "succeeded": sum(a.status == "succeeded" for a in tree.children) if tree else 0,
+        "wall_s": tree.wall_s if tree else None,
+        "sequential_s": tree.sequential_s if tree else None,
+        "output": (result.output or "")[:120],
+    }
+    if tree is not None and tree.wall_s:
+        console.print(
+            f"[bold]Swarm[/bold]  supervisor {result.task_id}: {report.swarm['succeeded']}/"
+            f"{tree.total_agents} sub-agents succeeded; {tree.wall_s:.2f}s wall against "
+            f"{tree.sequential_s:.2f}s in sequence (`swarm tree {result.task_id}`)"
+        )
+    console.print(f"[bold]Synth[/bold]  {report.swarm['output']}", markup=False)
 
 
 def _fleet_spec(redis_url: str | None, real_llm: str | None) -> FleetSpec:
@@ -200,6 +232,7 @@ def _roles() -> dict[str, dict[str, Any]]:
             "tools": tools,
             "default_priority": priority,
             "concurrency": 16,
+            **({"spawn": {"max_per_spawn": 20}} if name == "research" else {}),
         }
         for name, (prompt, tools, priority) in roles.items()
     }

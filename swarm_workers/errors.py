@@ -33,7 +33,8 @@ are turned into a tool message the model reads and can correct, never a crash.
         ├── ToolNotAllowed
         ├── InvalidToolArguments
         ├── ToolUnavailable         breaker open, server down or too slow
-        └── ToolFailed              the server answered isError
+        ├── ToolFailed              the server answered isError
+        └── SpawnRefused            a `swarm__spawn` over a limit (count, depth, budget)
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ __all__ = [
     "RateLimited",
     "RequestTooLarge",
     "ResultTimeout",
+    "SpawnRefused",
     "SwarmError",
     "TaskCancelled",
     "TimeLimitExceeded",
@@ -327,3 +329,10 @@ class ToolUnavailable(ToolError):
 
 class ToolFailed(ToolError):
     """The tool ran and reported an error (MCP `isError`)."""
+
+
+class SpawnRefused(ToolError):
+    """`swarm__spawn` asked for more than the supervisor may have: the model reads why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("swarm__spawn", message)

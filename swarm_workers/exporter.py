@@ -65,8 +65,10 @@ def queue_depths(client: redis.Redis, roles: list[str]) -> dict[tuple[str, Prior
 class LoadExporter:
     """Reads the load every `interval_s` and serves it.
 
-    >>> exporter = LoadExporter(settings, client, interval_s=5.0)   # doctest: +SKIP
-    >>> exporter.refresh(); exporter.snapshot.load("research", [Priority.P1])  # doctest: +SKIP
+    Usage::
+
+        exporter = LoadExporter(settings, client, interval_s=5.0)
+        exporter.refresh(); exporter.snapshot.load("research", [Priority.P1])
     """
 
     def __init__(self, settings: Settings, client: redis.Redis, *, interval_s: float) -> None:

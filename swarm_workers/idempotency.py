@@ -11,8 +11,10 @@ the retry can go through. The one window left: a producer that dies between its 
 and its send leaves the key naming a task that was never sent; later submits with that
 key get a handle that stays `queued`. Submit again with a new key in that case.
 
->>> keys = IdempotencyKeys(redis.Redis(), settings)        # doctest: +SKIP
->>> keys.claim("order-1234", "task:3f2a...")                # doctest: +SKIP
+Usage::
+
+    keys = IdempotencyKeys(redis.Redis(), settings)
+    keys.claim("order-1234", "task:3f2a...")
 """
 
 from __future__ import annotations

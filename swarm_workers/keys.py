@@ -8,6 +8,10 @@ slot and the scripts run unchanged on Redis Cluster.
     <p>:running:{<task_id>}           the lease of the delivery running the task
     <p>:attempts:{<task_id>}          runs started and not finished (cut short)
     <p>:cancel:{<task_id>}            a cancel asked for, until the task records it
+    <p>:checkpoint:{<task_id>}        the agent loop's last completed step (until it records)
+    <p>:checkpoint:{<task_id>}:blobs  large tool outputs of that checkpoint, stored once
+    <p>:spawn:{<task_id>}             a supervisor's spawn rounds and the children it waits on
+    <p>:swarm:{<root_id>}             a swarm root's totals: sub-agents spawned, budget left
     <p>:cancels                       pub/sub: cancels for running tasks, instantly
     <p>:idem:{<digest>}               an idempotency key -> the task or DAG it made
     {<p>:dead:<role>}:index / :entries / :dropped
@@ -76,6 +80,27 @@ class Keys:
             self.lease(task_id),
             self.attempts(task_id),
             self.cancel(task_id),
+        ]
+
+    def checkpoint(self, task_id: str) -> str:
+        return f"{self.prefix}:checkpoint:{{{task_id}}}"
+
+    def checkpoint_blobs(self, task_id: str) -> str:
+        return f"{self.prefix}:checkpoint:{{{task_id}}}:blobs"
+
+    def spawn(self, task_id: str) -> str:
+        return f"{self.prefix}:spawn:{{{task_id}}}"
+
+    def swarm_root(self, root_id: str) -> str:
+        return f"{self.prefix}:swarm:{{{root_id}}}"
+
+    def run_state_keys(self, task_id: str) -> list[str]:
+        """checkpoint, blobs, spawn ledger, swarm totals: removed when the task records."""
+        return [
+            self.checkpoint(task_id),
+            self.checkpoint_blobs(task_id),
+            self.spawn(task_id),
+            self.swarm_root(task_id),
         ]
 
     def cancels_channel(self) -> str:

@@ -34,6 +34,8 @@ __all__ = [
     "LLMCall",
     "Priority",
     "RoleName",
+    "SubAgent",
+    "SwarmTree",
     "TaskId",
     "TaskResult",
     "TaskState",
@@ -273,6 +275,53 @@ class Timings(BaseModel):
 StopReason = Literal["final", "max_steps", "budget", "error", "cancelled"]
 
 
+class SubAgent(BaseModel):
+    """One sub-agent of a swarm, as its supervisor's result (or `swarm tree`) shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str
+    role: str
+    parent: str
+    round: int
+    depth: int
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    error: ErrorInfo | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    queue_wait_s: float | None = None
+    run_s: float | None = None
+    children: tuple[SubAgent, ...] = ()
+
+
+class SwarmTree(BaseModel):
+    """A supervisor's sub-agents and what they cost, with the parallel speed-up.
+
+    `wall_s`: the supervisor's first start to its end; `sequential_s`: its own model
+    time plus every sub-agent's run time, as one agent doing it all in turn would spend;
+    `critical_path_s`: its own model time plus, per spawn round, the slowest sub-agent
+    (queue wait and run). `speedup` = sequential_s / wall_s.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    rounds: int = 0
+    children: tuple[SubAgent, ...] = ()
+    total_agents: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    wall_s: float | None = None
+    own_model_s: float = 0.0
+    sequential_s: float = 0.0
+    critical_path_s: float = 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        return None if not self.wall_s else self.sequential_s / self.wall_s
+
+
 class TaskResult(_Wire):
     """The recorded outcome of an `AgentTask`.
 
@@ -296,6 +345,8 @@ class TaskResult(_Wire):
     attempts: int = 1
     worker: str | None = None
     timings: Timings
+    steps_resumed: int = 0  # model turns restored from a checkpoint, not paid for again
+    swarm: SwarmTree | None = None  # a supervisor's sub-agents
 
     @property
     def ok(self) -> bool:

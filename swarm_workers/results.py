@@ -14,9 +14,11 @@ Waiting polls the key instead of subscribing: a pub/sub notice is lost with its
 connection (a Redis restart, a dropped socket), a stored key is not, so a waiter finds
 its result whatever happened to its connection in between.
 
->>> store = ResultStore(redis.Redis(), Keys("swarm"), ttl_s=3600)  # doctest: +SKIP
->>> store.wait("3f2a...", timeout=60).status                        # doctest: +SKIP
-'succeeded'
+Usage::
+
+    store = ResultStore(redis.Redis(), Keys("swarm"), ttl_s=3600)
+    store.wait("3f2a...", timeout=60).status
+    # -> 'succeeded'
 """
 
 from __future__ import annotations
@@ -41,10 +43,22 @@ _POLL_FIRST_S = 0.02
 _POLL_MAX_S = 0.5
 
 
-def pointer(result: TaskResult) -> dict[str, Any]:
-    """What a Celery task returns in place of the result: enough for a log line or
-    Flower, never the output (it may quote a private prompt)."""
-    return {"task_id": result.task_id, "status": result.status}
+def pointer(result: TaskResult, *, redact: bool = True) -> dict[str, Any]:
+    """What a Celery task returns in place of the result, which is what Flower shows:
+    the id, the status, sizes and usage; the output only when `redact` is off (it may
+    quote a private prompt), cut to 1 KiB."""
+    shown: dict[str, Any] = {
+        "task_id": result.task_id,
+        "status": result.status,
+        "output_chars": len(result.output or ""),
+        "tokens": result.usage.total_tokens,
+        "steps": result.steps,
+    }
+    if result.error is not None:
+        shown["error"] = result.error.type
+    if not redact:
+        shown["output"] = (result.output or "")[:1024]
+    return shown
 
 
 class ResultStore:

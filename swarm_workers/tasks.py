@@ -7,6 +7,7 @@ id and status) which is all a chord counts and all Flower shows.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,12 +16,17 @@ import redis
 from celery import Celery
 from celery.exceptions import Reject
 
-from swarm_workers.execution import Requeue, Runtime, execute, run_node
-from swarm_workers.models import TaskResult
-from swarm_workers.queues import DAG_NODE, RUN_AGENT
+from swarm_workers.dag.canvas import send_dag
+from swarm_workers.dag.prepare import PreparedDag
+from swarm_workers.dag.store import node_task_id
+from swarm_workers.execution import Requeue, Runtime, Suspended, execute, run_node
+from swarm_workers.models import AgentTask, TaskResult
+from swarm_workers.queues import DAG_NODE, RUN_AGENT, queue_name
 from swarm_workers.results import pointer
 
-__all__ = ["close_runtime", "register", "runtime_for"]
+__all__ = ["CelerySender", "close_runtime", "register", "runtime_for"]
+
+log = logging.getLogger(__name__)
 
 _build_lock = threading.Lock()
 
@@ -33,6 +39,7 @@ def runtime_for(app: Celery, worker_name: str | None = None) -> Runtime:
             runtime = getattr(app, "swarm_runtime", None)
             if runtime is None:
                 runtime = Runtime.build(app.swarm_settings, worker_name)
+                runtime.sender = CelerySender(app)
                 app.swarm_runtime = runtime
     return runtime
 
@@ -45,15 +52,55 @@ def close_runtime(app: Celery) -> None:
         runtime.close()
 
 
-def _recorded(run: Callable[[], TaskResult]) -> dict[str, Any]:
+class CelerySender:
+    """What a swarm sends on the broker: a spawn round's children (a DAG canvas) and a
+    supervisor's continuation (an ordinary `swarm.run_agent` message of its task)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def send_children(self, dag: PreparedDag) -> None:
+        send_dag(self.app, dag)
+
+    def send_continuation(self, task: AgentTask, message_id: str) -> None:
+        self.app.send_task(
+            RUN_AGENT,
+            args=[task.to_wire()],
+            task_id=message_id,
+            queue=queue_name(task.priority, task.role),
+            argsrepr=task.redacted(),
+            kwargsrepr="{}",
+            ignore_result=True,
+        )
+
+
+def _recorded(run: Callable[[], TaskResult], runtime: Runtime, task_id: str) -> dict[str, Any]:
+    redact = runtime.settings.redact_prompts
     try:
-        return pointer(run())
+        return pointer(run(), redact=redact)
+    except Suspended as exc:
+        # Waiting for sub-agents: acknowledged now; the last child sends a continuation.
+        return {"task_id": exc.task_id, "status": "waiting"}
     except redis.RedisError as exc:
         # Redis is the broker too: put the message back rather than record a failure
         # for a task that never had its chance.
         raise Reject(f"Redis unavailable: {type(exc).__name__}", requeue=True) from exc
     except Requeue as exc:
         raise Reject(str(exc), requeue=True) from exc
+    except Exception as exc:
+        # A bug outside the run itself: recorded all the same, so a producer waiting on
+        # the task, or a chord on it, gets an answer instead of waiting for ever.
+        log.exception("task %s: internal error outside its run", task_id)
+        failed = TaskResult.failure(
+            "InternalError",
+            f"{type(exc).__name__} in the worker (see its log)",
+            task_id=task_id,
+            worker=runtime.worker_name,
+        )
+        try:
+            return pointer(runtime.results.put(failed), redact=redact)
+        except redis.RedisError as down:
+            raise Reject(f"Redis unavailable: {type(down).__name__}", requeue=True) from down
 
 
 _OPTIONS: dict[str, Any] = {
@@ -71,9 +118,11 @@ def register(app: Celery) -> None:
     @app.task(name=RUN_AGENT, **_OPTIONS)
     def run_agent(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
         runtime = runtime_for(app, self.request.hostname)
-        return _recorded(lambda: execute(payload, runtime))
+        task_id = str(payload.get("id") if isinstance(payload, dict) else self.request.id)
+        return _recorded(lambda: execute(payload, runtime), runtime, task_id)
 
     @app.task(name=DAG_NODE, **_OPTIONS)
     def run_dag_node(self: Any, dag_id: str, node: str) -> dict[str, Any]:
         runtime = runtime_for(app, self.request.hostname)
-        return _recorded(lambda: run_node(dag_id, node, runtime))
+        task_id = node_task_id(dag_id, node)
+        return _recorded(lambda: run_node(dag_id, node, runtime), runtime, task_id)

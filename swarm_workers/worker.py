@@ -27,7 +27,7 @@ from celery import bootsteps, signals
 
 from swarm_workers import metrics, tasks
 from swarm_workers.celery_app import SwarmCelery, create_app
-from swarm_workers.config import Settings
+from swarm_workers.config import DEFAULT_LLM_BASE_URL, Settings
 from swarm_workers.health import Liveness, broker_file
 from swarm_workers.models import Priority
 from swarm_workers.queues import ALL_PRIORITIES, worker_queues
@@ -194,6 +194,7 @@ def worker_argv(
     concurrency: int,
     loglevel: str = "INFO",
     hostname: str | None = None,
+    task_events: bool = True,
 ) -> list[str]:
     """The `celery worker` argv for these roles; also what the tests inspect."""
     queues = worker_queues(roles, priorities)
@@ -205,9 +206,11 @@ def worker_argv(
         f"--queues={','.join(queues)}",
         f"--hostname={name}",
         f"--loglevel={loglevel}",
-        "--task-events",
+        # Flower's view of the tasks (`worker.task_events`; bench/README.md says what
+        # they cost a task).
+        *(["--task-events"] if task_events else []),
         # Mingle and gossip cost a broadcast round per worker start; with many workers
-        # on Redis they are the noise, not the signal. Flower uses task events.
+        # on Redis they are the noise, not the signal.
         "--without-mingle",
         "--without-gossip",
     ]
@@ -242,8 +245,31 @@ def run_worker(
         # agent outputs may quote private prompts. Failures still log at ERROR.
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
     threads = concurrency or max(settings.role(r).concurrency for r in roles)
-    argv = worker_argv(roles, priorities, concurrency=threads, loglevel=loglevel, hostname=hostname)
+    _announce_endpoint(settings, roles)
+    argv = worker_argv(
+        roles,
+        priorities,
+        concurrency=threads,
+        loglevel=loglevel,
+        hostname=hostname,
+        task_events=settings.worker.task_events,
+    )
     return _celery_main(app, argv)
+
+
+def _announce_endpoint(settings: Settings, roles: Sequence[str]) -> None:
+    """Say which provider and models this worker will call; loudly when it is the
+    default, the shipped fake provider's address, which no production fleet means."""
+    models = ", ".join(sorted({settings.model_for(role) for role in roles}))
+    if settings.llm.base_url == DEFAULT_LLM_BASE_URL:
+        log.warning(
+            "NO LLM ENDPOINT CONFIGURED: calling %s (the shipped fake provider's default "
+            "address) for model(s) %s; set llm.base_url or SWARM_LLM_BASE_URL",
+            DEFAULT_LLM_BASE_URL,
+            models,
+        )
+    else:
+        log.warning("LLM endpoint %s, model(s) %s", settings.llm.base_url, models)
 
 
 def _celery_main(app: SwarmCelery, argv: list[str]) -> int:

@@ -391,7 +391,9 @@ def test_sigkill_during_header_tasks_still_runs_every_node_once(
             swarm_config,
             slow,
             start_worker,
-            worker={"visibility_timeout_s": 6, "task_time_limit_s": 5, "lease_ttl_s": 2},
+            # Room in the time limit for the redeliveries' isolated child processes to
+            # start on a loaded machine (they ran beside a crash, so they are suspects).
+            worker={"visibility_timeout_s": 16, "task_time_limit_s": 15, "lease_ttl_s": 2},
         )
         nodes = [
             Node("a", "Slow header a.", role="research"),

@@ -22,6 +22,7 @@ from swarm_workers.localfleet import (
     WorkerSpec,
     child_env,
     is_fleet_variable,
+    wait_until,
 )
 
 from .conftest import ROOT
@@ -35,7 +36,11 @@ HOSTILE = {
 }
 
 
-def _environ_of(pid: int) -> dict[str, str]:
+def _environ_of(pid: int, program: bytes = b"sleep") -> dict[str, str]:
+    # Until the child has exec'd, /proc shows the environment it forked with: ours.
+    wait_until(
+        lambda: Path(f"/proc/{pid}/cmdline").read_bytes().startswith(program), 10, "the exec"
+    )
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
@@ -117,7 +122,7 @@ def test_a_local_fleet_runs_a_task_whatever_the_shell_holds(
         settings = fleet.settings()
         assert settings.redis_url == fleet.redis_url
         assert settings.key_prefix == "fleettest"
-        worker_env = _environ_of(fleet.workers[0].proc.pid)
+        worker_env = _environ_of(fleet.workers[0].proc.pid, sys.executable.encode())
         assert worker_env["SWARM_CONFIG"] == str(fleet.config_path)
         assert "SWARM_KEY_PREFIX" not in worker_env
         with SwarmClient(settings=settings) as client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -119,5 +120,22 @@ def test_flower_shows_a_task_with_redacted_args(
         assert task["name"] == "swarm.run_agent"
         assert "role=default" in str(task["args"])
         assert "confidential" not in str(task["args"])
+        # Its result, as Flower has it: the pointer, sizes and usage, never the output.
+        shown = str(task["result"])
+        assert handle.id in shown
+        assert "succeeded" in shown
+        assert "output_chars" in shown
+        assert "merger" not in shown
     finally:
         proc.stop(grace=15)
+
+
+def test_flower_will_not_start_without_credentials(redis_url: str, tmp_path: Path) -> None:
+    argv = (sys.executable, "-m", "swarm_workers.cli", "flower", "--port", str(free_port()))
+    env = child_env({"REDIS_URL": redis_url})
+    proc = ManagedProcess("flower", argv, env=env, log=tmp_path / "flower.log").start()
+    try:
+        assert proc.wait(30) == 2
+        assert "FLOWER_BASIC_AUTH" in proc.output()
+    finally:
+        proc.stop()

@@ -85,4 +85,14 @@ def test_a_wait_times_out_with_a_typed_error(store: ResultStore) -> None:
 
 def test_the_celery_side_keeps_a_pointer_of_a_few_bytes() -> None:
     result = TaskResult.failure("Boom", "x" * 10_000, task=_task())
-    assert pointer(result) == {"task_id": result.task_id, "status": "failed"}
+    assert pointer(result) == {
+        "task_id": result.task_id,
+        "status": "failed",
+        "output_chars": 0,
+        "tokens": 0,
+        "steps": 0,
+        "error": "Boom",
+    }
+    done = result.model_copy(update={"status": "succeeded", "error": None, "output": "o" * 5000})
+    assert "output" not in pointer(done)
+    assert pointer(done, redact=False)["output"] == "o" * 1024

@@ -144,3 +144,14 @@ def test_worker_serving_two_roles_drains_all_p0_first(
     last_high = max(results[h.id].timings.started_at for h in high)
     first_low = min(results[h.id].timings.started_at for h in low)
     assert last_high < first_low
+
+
+def test_a_worker_names_its_llm_endpoint_and_warns_on_the_default(
+    start_worker: WorkerFactory,
+) -> None:
+    configured = start_worker()
+    assert "LLM endpoint http://127.0.0.1:" in configured.output()
+    assert "NO LLM ENDPOINT CONFIGURED" not in configured.output()
+    unset = start_worker(env={"SWARM_LLM_BASE_URL": "http://127.0.0.1:8400/v1"})
+    assert "NO LLM ENDPOINT CONFIGURED" in unset.output()
+    assert "fake-gpt" in unset.output()

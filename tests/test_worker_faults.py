@@ -91,10 +91,11 @@ def test_a_poison_task_dies_alone(
     config: Path = swarm_config(roles={"default": {"concurrency": 4}}, worker=worker_settings)  # type: ignore[operator]
     start_worker.env.update({"SWARM_LLM_BASE_URL": fake_llm.base_url, "SWARM_FAILPOINTS": "crash"})
     with SwarmClient(settings=load_settings(config, redis_url=redis_url)) as client:
+        # The worker first: a poison queued before it could kill it before it is ready.
+        worker = start_worker(config=config, concurrency=4)
         innocents = [client.submit(f"innocent {i}", priority="P1") for i in range(3)]
         poison = client.submit("poison", priority="P1", metadata={"failpoint": "crash"})
         crashes = 0
-        worker = start_worker(config=config, concurrency=4)
         deadline = time.monotonic() + 120
         handles = [*innocents, poison]
         while time.monotonic() < deadline:

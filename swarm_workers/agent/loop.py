@@ -17,9 +17,11 @@ tool it was not offered, a tool that fails) becomes that call's tool message,
 ``"error: ..."``, so the model can correct itself. A provider or limiter failure ends
 the loop with stop reason "error"; the usage spent until then is still reported.
 
->>> outcome = run_agent(task, runtime)                          # doctest: +SKIP
->>> outcome.stop_reason, outcome.steps, outcome.usage.completion_tokens  # doctest: +SKIP
-('final', 3, 412)
+Usage::
+
+    outcome = run_agent(task, runtime)
+    outcome.stop_reason, outcome.steps, outcome.usage.completion_tokens
+    # -> ('final', 3, 412)
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Protocol, cast
 
 import openai
 from openai.types.chat import (
@@ -44,6 +47,7 @@ from openai.types.chat import (
     ChatCompletionToolMessageParam,
     ChatCompletionToolUnionParam,
 )
+from pydantic import TypeAdapter
 
 from swarm_workers.agent.budget import (
     OutputBudget,
@@ -51,6 +55,7 @@ from swarm_workers.agent.budget import (
     cost_usd,
     token_counter,
 )
+from swarm_workers.agent.checkpoint import Checkpoint, CheckpointWriter
 from swarm_workers.agent.llm import ChatRequest, Completion, Redactor, RetryPolicy, complete
 from swarm_workers.config import RoleSettings, Settings
 from swarm_workers.deadline import Deadline
@@ -68,8 +73,10 @@ from swarm_workers.models import (
     StopReason,
     ToolCallRecord,
     Usage,
+    utcnow,
 )
 from swarm_workers.ratelimit.limiter import Limiter
+from swarm_workers.swarm.spawn import SPAWN_TOOL, Spawner, Waiting
 from swarm_workers.tools.base import Toolset, ToolSpec
 
 __all__ = ["TOOL_THREADS", "AgentOutcome", "AgentRuntime", "initial_messages", "run_agent"]
@@ -102,6 +109,10 @@ class AgentOutcome:
     tool_calls: tuple[ToolCallRecord, ...] = ()
     cost_usd: float = 0.0
     error: ErrorInfo | None = None
+    steps_resumed: int = 0
+    waiting: int | None = None  # the spawn round this run ended waiting for
+    started_at: datetime | None = None  # the first run's start (from the checkpoint)
+    own_model_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -137,30 +148,80 @@ class _Tally:
 
 
 def run_agent(
-    task: AgentTask, runtime: AgentRuntime, deadline: Deadline | None = None
+    task: AgentTask,
+    runtime: AgentRuntime,
+    deadline: Deadline | None = None,
+    *,
+    durable: CheckpointWriter | None = None,
+    spawner: Spawner | None = None,
 ) -> AgentOutcome:
     """Run `task`'s agent loop to a final answer, a budget, a step limit or an error.
 
     `deadline` is the task's, started at delivery; without one the loop starts its own.
+    `durable`: checkpoint after every completed step and resume from the last one.
+    `spawner`: offer `swarm__spawn` to a role that may spawn; its call ends the run as
+    waiting (`AgentOutcome.waiting`) until the sub-agents have all recorded.
     """
     settings = runtime.settings
     model = settings.model_for(task.role)
     if deadline is None:
         deadline = Deadline.start(settings.worker.task_time_limit_s)
     tally = _Tally(OutputBudget(task.output_budget))
-    steps = 0
+    steps = resumed = 0
+    started_at = utcnow()
+    own_model_s = 0.0
+    waiting: Waiting | None = None
     stop: StopReason = "error"
     error: ErrorInfo | None = None
+    messages: list[ChatCompletionMessageParam] = []
+
+    def save() -> None:
+        if durable is not None:
+            durable.save(
+                Checkpoint(
+                    task=task,
+                    started_at=started_at,
+                    steps=steps,
+                    messages=tuple(dict(m) for m in messages),
+                    calls=tuple(tally.calls),
+                    tools=tuple(tally.tools),
+                    output=tally.output,
+                    own_model_s=own_model_s,
+                )
+            )
+
     try:
         role = settings.role(task.role)
         specs = runtime.tools.specs(role.tools) if role.tools else []
         tools: list[ChatCompletionToolUnionParam] = [_tool_param(spec) for spec in specs]
-        messages = initial_messages(_system_prompt(role, runtime.tools), task)
+        swarm = spawner if spawner is not None and spawner.offered(role) else None
+        if swarm is not None:
+            tools.append(_tool_param(swarm.spec()))
+        state = durable.load() if durable is not None else None
+        if state is not None:
+            messages = [cast(ChatCompletionMessageParam, dict(m)) for m in state.messages]
+            steps = resumed = state.steps
+            tally.calls = list(state.calls)
+            tally.tools = list(state.tools)
+            tally.output = state.output
+            tally.budget = OutputBudget(task.output_budget).charge(
+                sum(c.completion_tokens for c in state.calls)
+            )
+            started_at, own_model_s = state.started_at, state.own_model_s
+            log.info("task %s: resumed after %d step(s) from its checkpoint", task.id, steps)
+        else:
+            messages = initial_messages(_system_prompt(role, runtime.tools), task)
         counter = token_counter(model)
         context = context_window(settings.llm, model)
         policy = RetryPolicy.from_settings(settings.llm)
         redactor = _redactor(settings, task)
         while True:
+            pending = _unanswered(messages)
+            if pending:
+                waiting = _answer(pending, task, role, runtime, deadline, swarm, tally, messages)
+                save()
+                if waiting is not None:
+                    break
             if tally.budget.exhausted:
                 stop = "budget"
                 break
@@ -184,6 +245,7 @@ def run_agent(
                 count_tokens=counter.count,
             )
             steps += 1
+            own_model_s += completion.latency_s
             tally.add(completion)
             message = completion.message
             tally.output = message.content if message.content is not None else message.refusal
@@ -199,10 +261,7 @@ def run_agent(
                 stop = "max_steps"
                 break
             messages.append(_assistant_turn(message))
-            answers = _run_tool_calls(message.tool_calls, role, task.role, runtime, deadline)
-            for record, tool_message in answers:
-                tally.tools.append(record)
-                messages.append(tool_message)
+            save()  # the model's turn is paid for: a resumed run does not ask again
     except SwarmError as exc:  # ToolErrors never get here: the model reads them
         stop = "error"
         error = ErrorInfo(type=type(exc).__name__, message=str(exc))
@@ -216,18 +275,95 @@ def run_agent(
         tool_calls=tuple(tally.tools),
         cost_usd=cost_usd(settings.llm.prices, model, usage.prompt_tokens, usage.completion_tokens),
         error=error,
+        steps_resumed=resumed,
+        waiting=waiting.round if waiting is not None and error is None else None,
+        started_at=started_at,
+        own_model_s=round(own_model_s, 6),
     )
+    if outcome.waiting is not None:
+        log.info(
+            "task %s: waiting for spawn round %d after %d step(s)", task.id, outcome.waiting, steps
+        )
+        return outcome
     log.info(
-        "task %s: %s after %d step(s), %d tool call(s), tokens %d+%d, $%.6f",
+        "task %s: %s after %d step(s) (%d resumed), %d tool call(s), tokens %d+%d, $%.6f",
         task.id,
         stop,
         steps,
+        resumed,
         len(tally.tools),
         usage.prompt_tokens,
         usage.completion_tokens,
         outcome.cost_usd,
     )
     return outcome
+
+
+_CALLS: TypeAdapter[ChatCompletionMessageToolCallUnion] = TypeAdapter(
+    ChatCompletionMessageToolCallUnion
+)
+
+
+def _unanswered(
+    messages: Sequence[ChatCompletionMessageParam],
+) -> list[ChatCompletionMessageToolCallUnion]:
+    """The last assistant turn's tool calls that no tool message answers yet."""
+    for i in range(len(messages) - 1, -1, -1):
+        message = messages[i]
+        if message["role"] == "assistant":
+            answered = {m["tool_call_id"] for m in messages[i + 1 :] if m["role"] == "tool"}
+            calls = message.get("tool_calls") or []
+            return [_CALLS.validate_python(c) for c in calls if c["id"] not in answered]
+        if message["role"] != "tool":
+            return []
+    return []
+
+
+def _answer(
+    pending: Sequence[ChatCompletionMessageToolCallUnion],
+    task: AgentTask,
+    role: RoleSettings,
+    runtime: AgentRuntime,
+    deadline: Deadline,
+    swarm: Spawner | None,
+    tally: _Tally,
+    messages: list[ChatCompletionMessageParam],
+) -> Waiting | None:
+    """Answer a turn's pending calls: tools first, then `swarm__spawn` (which may wait)."""
+    spawns = [c for c in pending if c.type == "function" and c.function.name == SPAWN_TOOL]
+    others = [c for c in pending if c not in spawns]
+    if others:
+        for record, tool_message in _run_tool_calls(others, role, task.role, runtime, deadline):
+            tally.tools.append(record)
+            messages.append(tool_message)
+    for call in spawns:
+        raw = _raw_arguments(call)
+        started = time.monotonic()
+
+        def took(started: float = started) -> float:
+            return round(time.monotonic() - started, 6)
+
+        try:
+            if swarm is None:
+                raise UnknownTool(SPAWN_TOOL)
+            got = swarm.answer(task, call.id, raw)
+        except ToolError as exc:
+            record, tool_message = _failure(
+                call.id, SPAWN_TOOL, raw, time.monotonic() - started, exc
+            )
+        else:
+            if isinstance(got, Waiting):
+                return got
+            record = ToolCallRecord(
+                name=SPAWN_TOOL,
+                arguments=raw,
+                latency_s=round(time.monotonic() - started, 6),
+                ok=True,
+            )
+            tool_message = {"role": "tool", "tool_call_id": call.id, "content": got.content}
+        tally.tools.append(record)
+        messages.append(tool_message)
+    return None
 
 
 def initial_messages(system_prompt: str, task: AgentTask) -> list[ChatCompletionMessageParam]:

@@ -1,11 +1,13 @@
 """Swarms as DAGs of agent tasks, compiled to Celery canvases.
 
->>> dag = client.submit_dag([                                       # doctest: +SKIP
-...     Node("a", "Research A", role="research", priority="P1"),
-...     Node("b", "Research B", role="research"),
-...     Node("s", "Summarise {{ a.output }} and {{ b.output }}", role="summarize", deps=["a", "b"]),
-... ])
->>> dag.wait(timeout=600).outputs["s"]                              # doctest: +SKIP
+Usage::
+
+    dag = client.submit_dag([
+        Node("a", "Research A", role="research", priority="P1"),
+        Node("b", "Research B", role="research"),
+        Node("s", "Summarise {{ a.output }} and {{ b.output }}", role="summarize", deps=["a", "b"]),
+    ])
+    dag.wait(timeout=600).outputs["s"]
 
 See `docs/dags.md`: the file format, the template syntax, failure policies, and
 what a DAG that no single canvas expresses costs.

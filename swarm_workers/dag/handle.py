@@ -1,11 +1,13 @@
 """A submitted DAG: per-node status (and why), waiting, and each node's result.
 
->>> dag = client.submit_dag([Node("a", "Find X"), Node("s", "Sum", deps=["a"])])  # doctest: +SKIP
->>> status = dag.wait(timeout=600)                                        # doctest: +SKIP
->>> status.state, status.outputs["s"]                                     # doctest: +SKIP
-('succeeded', '...')
->>> [(n.node, n.reason) for n in status.failed]                           # doctest: +SKIP
-[]
+Usage::
+
+    dag = client.submit_dag([Node("a", "Find X"), Node("s", "Sum", deps=["a"])])
+    status = dag.wait(timeout=600)
+    status.state, status.outputs["s"]
+    # -> ('succeeded', '...')
+    [(n.node, n.reason) for n in status.failed]
+    # -> []
 """
 
 from __future__ import annotations
@@ -90,10 +92,12 @@ class DagStatus(BaseModel):
 class DagHandle:
     """A DAG that was submitted: `status()`, `wait(timeout)`, `result(node)`.
 
-    >>> dag = client.submit_dag(nodes)              # doctest: +SKIP
-    >>> dag.wait(600).ok                            # doctest: +SKIP
-    True
-    >>> client.dag(dag.id).status()                 # doctest: +SKIP
+    Usage::
+
+        dag = client.submit_dag(nodes)
+        dag.wait(600).ok
+        # -> True
+        client.dag(dag.id).status()
     """
 
     def __init__(

@@ -11,9 +11,11 @@ blocked-failed), `cancelled` if every such dep was cancelled, else `skipped`. It
 reason names the node where the failure started:
 `upstream node 'a' failed: ContextOverflow: ...`.
 
->>> a = Outcome.of_result("a", failed_result, policy="skip")      # doctest: +SKIP
->>> blocked([("a", a)]).state                                    # doctest: +SKIP
-<NodeState.SKIPPED: 'skipped'>
+Usage::
+
+    a = Outcome.of_result("a", failed_result, policy="skip")
+    blocked([("a", a)]).state
+    # -> <NodeState.SKIPPED: 'skipped'>
 """
 
 from __future__ import annotations

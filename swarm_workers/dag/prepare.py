@@ -5,10 +5,12 @@ caller's `build_task`: role, priority, budget, payload size), then the plan and 
 record a worker and a `DagHandle` read. No Redis and no Celery here: the client
 stores the result (`DagStore.save`) and sends it (`dag.canvas.send_dag`).
 
->>> dag = prepare_dag(DagSpec.of([Node("a", "Find X"), Node("s", "Sum", deps=["a"])]),
-...                   build_task, max_nodes=500)                   # doctest: +SKIP
->>> dag.record.nodes["s"].deps                                     # doctest: +SKIP
-('a',)
+Usage::
+
+    dag = prepare_dag(DagSpec.of([Node("a", "Find X"), Node("s", "Sum", deps=["a"])]),
+                      build_task, max_nodes=500)
+    dag.record.nodes["s"].deps
+    # -> ('a',)
 """
 
 from __future__ import annotations
@@ -49,10 +51,15 @@ class PreparedDag:
         return sorted({queue_name(t.priority, t.role) for t in self.tasks.values()})
 
 
-def prepare_dag(spec: DagSpec, build_task: BuildTask, *, max_nodes: int) -> PreparedDag:
-    """Validate and build; raises a `DagError` or `InvalidTask` naming the node."""
+def prepare_dag(
+    spec: DagSpec, build_task: BuildTask, *, max_nodes: int, dag_id: str | None = None
+) -> PreparedDag:
+    """Validate and build; raises a `DagError` or `InvalidTask` naming the node.
+
+    `dag_id`: a deterministic id (a supervisor's spawn, rebuilt the same on a resume).
+    """
     deps = validate(spec, max_nodes)
-    dag_id = uuid.uuid4().hex
+    dag_id = dag_id or uuid.uuid4().hex
     tasks = {node.id: _task(build_task, dag_id, node, deps[node.id]) for node in spec.nodes}
     steps = plan(deps)
     by_id = {node.id: node for node in spec.nodes}

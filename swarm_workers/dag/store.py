@@ -12,9 +12,11 @@ Node messages carry only `(dag_id, node)`; the worker reads the rest here, so a
 prompt never travels through the broker (nor shows in Flower), and a chord header
 message, which carries its body, stays small.
 
->>> store = DagStore(redis.Redis(), settings)               # doctest: +SKIP
->>> store.record("3f2a...").nodes["s"].deps                 # doctest: +SKIP
-('a', 'b')
+Usage::
+
+    store = DagStore(redis.Redis(), settings)
+    store.record("3f2a...").nodes["s"].deps
+    # -> ('a', 'b')
 """
 
 from __future__ import annotations

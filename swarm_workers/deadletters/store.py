@@ -11,8 +11,10 @@ Kept for `deadletters.retention_s` and at most `deadletters.max_per_role` per ro
 both are enforced by `add.lua` on every add. `take.lua` removes letters atomically,
 so a replay or purge of the same id happens once.
 
->>> store = DeadLetterStore(redis.Redis(), settings)                # doctest: +SKIP
->>> [letter.task.id for letter in store.find(role="research")]       # doctest: +SKIP
+Usage::
+
+    store = DeadLetterStore(redis.Redis(), settings)
+    [letter.task.id for letter in store.find(role="research")]
 """
 
 from __future__ import annotations

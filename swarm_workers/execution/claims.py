@@ -19,9 +19,11 @@ at the start of a run and one at its end:
   message was lost, at its next renewal), and its deadline is stopped with
   `TaskCancelled`, so the loop ends at its next step or tool call boundary.
 
->>> claims = Claims(redis.Redis(), Keys("swarm"), lease_ttl_s=30, result_ttl_s=86400,
-...                 attempts_ttl_s=14400)                        # doctest: +SKIP
->>> start = claims.begin("3f2a...", Deadline.start(1800))        # doctest: +SKIP
+Usage::
+
+    claims = Claims(redis.Redis(), Keys("swarm"), lease_ttl_s=30, result_ttl_s=86400,
+                    attempts_ttl_s=14400)
+    start = claims.begin("3f2a...", Deadline.start(1800))
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class Claims:
         """Record `result` unless one is stored, answering any cancel; returns the stored
         one. Without a `token` no lease is released (a task cancelled before it ran)."""
         stored = self._finish(
-            keys=self._task_keys(result.task_id),
+            keys=self._task_keys(result.task_id) + self.keys.run_state_keys(result.task_id),
             args=[result.model_dump_json(), self.result_ttl_s, token],
         )
         return TaskResult.model_validate_json(stored)

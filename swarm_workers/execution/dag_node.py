@@ -12,8 +12,10 @@ It never raises for anything it can record, so the chord it belongs to always
 completes; `TaskResult.status` says what happened. Redis errors do leave (the task
 body puts the message back): a broker blip is not the node's failure.
 
->>> run_node("3f2a...", "s", runtime).status       # doctest: +SKIP
-'succeeded'
+Usage::
+
+    run_node("3f2a...", "s", runtime).status
+    # -> 'succeeded'
 """
 
 from __future__ import annotations

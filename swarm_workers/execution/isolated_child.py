@@ -3,7 +3,8 @@
     python -m swarm_workers.execution.isolated_child < request.json > outcome.json
 
 Reads the parent's settings, the task and the time left from stdin; runs the agent
-loop under the same failpoints as a worker; writes the `AgentOutcome` as JSON.
+loop under the same failpoints as a worker (resuming from the task's checkpoint, and
+saving its own under the parent's lease); writes the `AgentOutcome` as JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ def main() -> None:
     runtime = Runtime.build(settings, request["worker"])
     try:
         check_failpoints(task, settings)
-        outcome = run_agent(task, runtime, deadline)
+        outcome = run_agent(
+            task,
+            runtime,
+            deadline,
+            durable=runtime.checkpoints.writer(task.id, request.get("token", "")),
+            spawner=runtime.spawner,
+        )
     finally:
         runtime.close()
     sys.stdout.buffer.write(OUTCOME_JSON.dump_json(outcome))

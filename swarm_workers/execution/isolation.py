@@ -49,9 +49,16 @@ class RunCrashed(Exception):
     """The child running a suspect died: this run was cut short like its worker's was."""
 
 
-def run_isolated(task: AgentTask, runtime: Runtime, deadline: Deadline) -> AgentOutcome:
-    """Run `task`'s agent loop in a child process; `RunCrashed` when the child dies."""
+def run_isolated(
+    task: AgentTask, runtime: Runtime, deadline: Deadline, token: str = ""
+) -> AgentOutcome:
+    """Run `task`'s agent loop in a child process; `RunCrashed` when the child dies.
+
+    The child resumes from the task's checkpoint and saves its own, fenced by the
+    parent's lease `token` (the parent keeps renewing the lease meanwhile).
+    """
     request = {
+        "token": token,
         "settings": settings_json(runtime.settings),
         "task": task.to_wire(),
         "remaining_s": max(0.001, deadline.remaining()),

@@ -8,21 +8,38 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import openai
 import redis
 
+from swarm_workers.agent.checkpoint import CheckpointStore
 from swarm_workers.agent.llm import build_llm_client
 from swarm_workers.config import Settings
+from swarm_workers.dag.prepare import PreparedDag
 from swarm_workers.deadletters import DeadLetterStore
 from swarm_workers.execution.claims import Claims
+from swarm_workers.models import AgentTask
 from swarm_workers.ratelimit.base import Limiter, build_limiter
 from swarm_workers.redis_client import redis_client
 from swarm_workers.results import ResultStore
+from swarm_workers.swarm import Spawner
 from swarm_workers.tools.base import Toolset
 from swarm_workers.tools.registry import build_toolset
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "Sender"]
+
+
+class Sender(Protocol):
+    """Sends what a swarm needs on the broker; the Celery edge provides it (`tasks.py`)."""
+
+    def send_children(self, dag: PreparedDag) -> None:
+        """A spawn round's sub-agents, as a DAG on their roles' queues."""
+        ...
+
+    def send_continuation(self, task: AgentTask, message_id: str) -> None:
+        """Another delivery of a supervisor's task, on its own queue."""
+        ...
 
 
 @dataclass
@@ -37,7 +54,10 @@ class Runtime:
     results: ResultStore
     claims: Claims
     deadletters: DeadLetterStore
+    checkpoints: CheckpointStore
+    spawner: Spawner
     worker_name: str = field(default_factory=socket.gethostname)
+    sender: Sender | None = None  # set by the Celery edge; none in an isolated child
 
     @classmethod
     def build(cls, settings: Settings, worker_name: str | None = None) -> Runtime:
@@ -60,6 +80,8 @@ class Runtime:
                 attempts_ttl_s=worker.visibility_timeout_s * (worker.max_attempts + 1),
             ),
             deadletters=DeadLetterStore(client, settings),
+            checkpoints=CheckpointStore(client, settings.keys, settings.limits.result_ttl_s),
+            spawner=Spawner(client, settings),
             worker_name=worker_name or socket.gethostname(),
         )
 

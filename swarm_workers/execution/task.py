@@ -39,15 +39,17 @@ from pydantic import ValidationError
 from swarm_workers.agent.loop import run_agent
 from swarm_workers.deadletters import DeadLetter, is_dead
 from swarm_workers.deadline import Deadline
-from swarm_workers.errors import SwarmError, TaskCancelled
+from swarm_workers.errors import LeaseLost, SwarmError, TaskCancelled
 from swarm_workers.execution.claims import Claim
 from swarm_workers.execution.failpoints import check_failpoints
 from swarm_workers.execution.isolation import RunCrashed, run_isolated
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.metrics import DEAD_LETTERS, observe_result
-from swarm_workers.models import AgentTask, TaskResult, Timings, utcnow
+from swarm_workers.models import AgentTask, SwarmTree, TaskResult, Timings, utcnow
+from swarm_workers.swarm import Lineage
+from swarm_workers.swarm.tree import build_tree
 
-__all__ = ["Requeue", "execute", "undecodable"]
+__all__ = ["Requeue", "Suspended", "execute", "undecodable"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,15 @@ T = TypeVar("T")
 
 class Requeue(Exception):
     """This delivery ends unrecorded and its message goes back on the queue."""
+
+
+class Suspended(Exception):
+    """The run ended waiting for its sub-agents: nothing is recorded, the message is
+    acknowledged, and the last sub-agent to record sends the task's continuation."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id}: waiting for its sub-agents")
+        self.task_id = task_id
 
 
 Prepare = Callable[[AgentTask], "AgentTask | TaskResult"]
@@ -73,18 +84,33 @@ def execute(
 
     Raises redis.RedisError when Redis stays unavailable, `Requeue` when the run was
     cut short without an outcome: the caller puts the message back either way.
+    `Suspended` when a supervisor's run ended waiting for its sub-agents.
+
+    A sub-agent's recorded outcome (on every delivery, so a redelivered one finishes
+    what a dead worker began) is counted in its supervisor's ledger; the last one of a
+    spawn round sends the supervisor's continuation.
     """
     deadline = Deadline.start(runtime.settings.worker.task_time_limit_s)
     try:
         task = decode(payload)
     except ValidationError as exc:
         return runtime.results.put(undecodable(payload, exc, runtime.worker_name))
+    recorded = _deliver(task, runtime, deadline, prepare)
+    if Lineage.of(task).parent is not None:
+        _with_retries(lambda: _notify_parent(task, recorded, runtime), runtime)
+    return recorded
 
+
+def _deliver(
+    task: AgentTask, runtime: Runtime, deadline: Deadline, prepare: Prepare | None
+) -> TaskResult:
     claim = _claim(task, runtime, deadline)
     if isinstance(claim, TaskResult):
         return claim
     try:
         result, ran = _run(task, claim, runtime, deadline, prepare)
+        if result is None:
+            _dispatch(task, runtime)
     except redis.RedisError:
         runtime.claims.abandon(claim)
         raise
@@ -99,8 +125,11 @@ def execute(
         # Someone else may own the task now; our outcome is not to be recorded.
         runtime.claims.abandon(claim)
         raise Requeue(f"task {task.id}: lease lost during the run")
+    if result is None:  # waiting: no attempt spent, no outcome; the children finish it
+        runtime.claims.abandon(claim)
+        raise Suspended(task.id)
     try:
-        recorded = _with_retries(lambda: runtime.claims.finish(claim, result), deadline)
+        recorded = _with_retries(lambda: runtime.claims.finish(claim, result), runtime)
     except redis.RedisError:
         # The outcome could not be stored: the run goes back on the queue uncounted and
         # its lease lapses within one TTL, so the redelivery is not held up for long.
@@ -113,12 +142,42 @@ def execute(
     return recorded
 
 
+def _dispatch(task: AgentTask, runtime: Runtime) -> None:
+    """Send every spawn round of `task` not sent yet (a resumed run sends what a dead
+    worker recorded but did not send; sending twice is harmless: runs are claimed)."""
+    spawner = runtime.spawner
+    for record in spawner.rounds(task.id):
+        if spawner.flag(task.id, f"sent:{record.round}"):
+            continue
+        if runtime.sender is None:
+            raise RuntimeError("this process cannot send sub-agents (no broker sender)")
+        runtime.sender.send_children(spawner.prepared(record.dag_id))
+        spawner.mark(task.id, f"sent:{record.round}")
+
+
+def _notify_parent(task: AgentTask, result: TaskResult, runtime: Runtime) -> None:
+    """Count a sub-agent's outcome; the round's last one continues its supervisor."""
+    due = runtime.spawner.child_done(task, result)
+    if due is None:
+        return
+    parent_id, number = due
+    checkpoint = runtime.checkpoints.load(parent_id)
+    if checkpoint is None:
+        log.warning("task %s: supervisor %s has no checkpoint to continue", task.id, parent_id)
+        return
+    if runtime.sender is None:
+        raise RuntimeError("this process cannot continue a supervisor (no broker sender)")
+    runtime.sender.send_continuation(checkpoint.task, f"{parent_id}.cont{number}")
+    runtime.spawner.mark(parent_id, f"cont:{number}")
+    log.info("task %s: last of round %d; supervisor %s continued", task.id, number, parent_id)
+
+
 def _bury(task: AgentTask, result: TaskResult, runtime: Runtime, deadline: Deadline) -> None:
     """Keep a dead letter. Its outcome is stored already: if Redis stays away, the letter
     is what is lost (logged), not the task."""
     letter = DeadLetter.of(task, result)
     try:
-        dropped = _with_retries(partial(runtime.deadletters.add, letter), deadline)
+        dropped = _with_retries(partial(runtime.deadletters.add, letter), runtime)
     except redis.RedisError as exc:
         log.error("task %s: failed for good, but its dead letter was not kept: %s", task.id, exc)
         return
@@ -131,14 +190,14 @@ def _claim(task: AgentTask, runtime: Runtime, deadline: Deadline) -> Claim | Tas
     """A claim to run `task`, or its outcome (stored, or cancelled before it ran); waits
     while a twin holds the lease."""
     while True:
-        begun = _with_retries(lambda: runtime.claims.begin(task.id, deadline), deadline)
+        begun = _with_retries(lambda: runtime.claims.begin(task.id, deadline), runtime)
         if begun.result is not None:
             log.info("task %s: already recorded, returning the stored result", task.id)
             return begun.result
         if begun.kind == "cancelled":
             log.info("task %s: cancelled before it ran", task.id)
             unrun = TaskResult.cancelled_before_run(task, worker=runtime.worker_name)
-            return _with_retries(partial(runtime.claims.record, unrun), deadline)
+            return _with_retries(partial(runtime.claims.record, unrun), runtime)
         if begun.claim is not None:
             return begun.claim
         # Another delivery of this very task runs (redelivered after a broker reconnect,
@@ -154,23 +213,29 @@ def _run(
     runtime: Runtime,
     deadline: Deadline,
     prepare: Prepare | None,
-) -> tuple[TaskResult, AgentTask]:
-    """The run's outcome, and the task as it ran (a DAG node's prompt rendered)."""
+) -> tuple[TaskResult | None, AgentTask]:
+    """The run's outcome (None: waiting for sub-agents), and the task as it ran (a DAG
+    node's prompt rendered)."""
     started = utcnow()
     ran = task
-    limit = runtime.settings.worker.max_attempts
-    if claim.runs > limit:
-        message = f"started {claim.runs} times; each run before was cut short by its worker dying"
-        log.warning("task %s failed: TooManyAttempts: %s", task.id, message)
-        failed = TaskResult.failure(
-            "TooManyAttempts",
+
+    def failed(kind: str, message: str) -> tuple[TaskResult, AgentTask]:
+        log.warning("task %s failed: %s: %s", task.id, kind, message)
+        result = TaskResult.failure(
+            kind,
             message,
             task=task,
             worker=runtime.worker_name,
             attempts=claim.runs,
             started_at=started,
         )
-        return failed, ran
+        return result, ran
+
+    if claim.runs > runtime.settings.worker.max_attempts:
+        return failed(
+            "TooManyAttempts",
+            f"started {claim.runs} times; each run before was cut short by its worker dying",
+        )
     log.info("start %s run=%d", task.redacted(), claim.runs)
     try:
         ready = prepare(task) if prepare is not None else task
@@ -178,10 +243,16 @@ def _run(
             return ready, ran
         ran = ready
         if claim.runs > 1 and runtime.settings.worker.isolate_suspects:
-            outcome = run_isolated(ran, runtime, deadline)
+            outcome = run_isolated(ran, runtime, deadline, claim.token)
         else:
             check_failpoints(ran, runtime.settings)
-            outcome = run_agent(ran, runtime, deadline)
+            outcome = run_agent(
+                ran,
+                runtime,
+                deadline,
+                durable=runtime.checkpoints.writer(task.id, claim.token),
+                spawner=runtime.spawner,
+            )
     except SwarmError as exc:
         kind, message = type(exc).__name__, str(exc)
     except (redis.RedisError, RunCrashed):
@@ -190,6 +261,10 @@ def _run(
         log.exception("task %s: internal error", task.id)
         kind, message = "InternalError", f"{type(exc).__name__} in the worker (see its log)"
     else:
+        if outcome.waiting is not None:
+            return None, ran
+        if outcome.error is not None and outcome.error.type == LeaseLost.__name__:
+            claim.lost = True  # a checkpoint was refused: another run holds the task
         cancelled = claim.cancelled or (
             outcome.error is not None and outcome.error.type == TaskCancelled.__name__
         )
@@ -212,19 +287,23 @@ def _run(
             cost_usd=outcome.cost_usd,
             attempts=claim.runs,
             worker=runtime.worker_name,
-            timings=_timings(task, started),
+            timings=_timings(task, outcome.started_at or started),
+            steps_resumed=outcome.steps_resumed,
+            swarm=_tree(task, outcome.started_at or started, outcome.own_model_s, runtime),
         )
         return done, ran
-    log.warning("task %s failed: %s: %s", task.id, kind, message)
-    failed = TaskResult.failure(
-        kind,
-        message,
-        task=task,
-        worker=runtime.worker_name,
-        attempts=claim.runs,
-        started_at=started,
+    return failed(kind, message)
+
+
+def _tree(
+    task: AgentTask, started: datetime, own_model_s: float, runtime: Runtime
+) -> SwarmTree | None:
+    """A supervisor's tree of sub-agents, finished; None for a task that never spawned."""
+    if runtime.settings.role(task.role).spawn is None or not runtime.spawner.rounds(task.id):
+        return None
+    return build_tree(
+        runtime.spawner, task.id, started_at=started, own_model_s=own_model_s, finished_at=utcnow()
     )
-    return failed, ran
 
 
 def _timings(task: AgentTask, started: datetime) -> Timings:
@@ -243,13 +322,12 @@ def undecodable(payload: Any, exc: ValidationError, worker: str | None) -> TaskR
 
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 2.0
-_RETRY_FOR_S = 30.0
 
 
-def _with_retries(call: Callable[[], T], deadline: Deadline) -> T:
-    """`call()`, retried on Redis errors with backoff for up to 30 s (never past the
-    deadline plus that): a failover or a dropped connection is not the task's failure."""
-    give_up = time.monotonic() + _RETRY_FOR_S
+def _with_retries(call: Callable[[], T], runtime: Runtime) -> T:
+    """`call()`, retried on Redis errors with backoff for up to `worker.redis_retry_s`:
+    a failover or a dropped connection is not the task's failure."""
+    give_up = time.monotonic() + runtime.settings.worker.redis_retry_s
     pause = _RETRY_FIRST_S
     while True:
         try:

@@ -27,7 +27,17 @@ Directives, read from the LAST user message; its "turn" is every message after i
                             made again with the given arguments
     REPLY_LEN n             a text reply of exactly n tokens (final answers are padded to n;
                             n <= 200000); for budget stops
-Rules, first match wins (``tool_choice: "none"`` disables CALL directives):
+    SPAWN n roles=a,b [rounds=k] [fail=i,j] [| text]
+                            a supervisor: call ``swarm__spawn`` with n sub-tasks, role i
+                            cycling over the roles, prompt "sub-task i of n (round r)"
+                            followed by ": text" when given (so "| SPAWN 2 roles=c" nests),
+                            and " REJECT" for the numbers in ``fail``; once answered, spawn
+                            again until k rounds (default 1) were made; then a final text
+                            "Synthesis: R round(s), N sub-agents, S succeeded, F failed: "
+                            with each sub-agent's id, role and first 40 characters of output
+                            (from the tool's JSON answer; "Spawn refused: ..." for an error)
+    REJECT                  answer 400 (a request the provider refuses), for failing tasks
+Rules (SPAWN and REJECT apart), first match wins (``tool_choice: "none"`` disables CALL directives):
     1. a directive names a tool that is not in ``tools`` -> text "Tool not offered: ..."
     2. no assistant ``tool_calls`` in the turn yet -> ``tool_calls`` for every directive,
        ids ``call_<hash>`` derived from the conversation, ``finish_reason="tool_calls"``
@@ -124,7 +134,8 @@ Latency = Annotated[FixedLatency | UniformLatency | LognormalLatency, Field(disc
 class FakeLLMConfig(BaseModel):
     """What the fake provider does; limits are per server process, in memory.
 
-    >>> FakeLLMConfig(latency=UniformLatency(min_ms=50, max_ms=400), rpm=600, api_key="sk-fake")
+    >>> FakeLLMConfig(latency=UniformLatency(min_ms=50, max_ms=400), rpm=600).latency.max_ms
+    400.0
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -242,6 +253,13 @@ class _Directive:
 _CALL = re.compile(r"\b(CALL_BAD|CALL)\s+([A-Za-z_][\w.\-]*)")
 _ERROR_TYPES = {429: "requests", 403: "permission_error", 404: "not_found_error"}
 _REPLY_LEN = re.compile(r"\bREPLY_LEN\s+(\d+)")
+_SPAWN = re.compile(
+    r"\bSPAWN\s+(\d+)\s+roles=([\w,-]+)(?:\s+rounds=(\d+))?(?:\s+fail=([\d,]+))?"
+    r"(?:\s*\|\s*(.*))?",
+    re.DOTALL,
+)
+_REJECT = re.compile(r"\bREJECT\b")
+SPAWN_TOOL = "swarm__spawn"
 _MAX_REPLY = 200_000  # tokens; REPLY_LEN is clamped so one request cannot eat the memory
 _PROSE = (
     "the swarm routes each task to a worker that reads context calls tools and writes a short "
@@ -352,13 +370,72 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def compose_reply(request: ChatRequest, config: FakeLLMConfig) -> Reply:
-    """Apply the directive rules of the module docstring; a pure function of the request."""
-    digest = _digest(request.messages)
+def _last_user(request: ChatRequest) -> tuple[str, list[ChatMessage]]:
+    """The last user message's text, and its turn (every message after it)."""
     users = [i for i, m in enumerate(request.messages) if m.role == "user"]
     last = users[-1] if users else -1
     said = request.messages[last].text() if users else ""
-    turn = request.messages[last + 1 :]
+    return said, request.messages[last + 1 :]
+
+
+def rejects(request: ChatRequest) -> bool:
+    """Does the last user message carry REJECT (answered 400)?"""
+    return _REJECT.search(_last_user(request)[0]) is not None
+
+
+def _spawn_reply(
+    match: re.Match[str], request: ChatRequest, turn: list[ChatMessage], digest: str
+) -> Reply:
+    offered = {t.function.name for t in request.tools or [] if t.function}
+    if SPAWN_TOOL not in offered:
+        return _text_reply(f"Tool not offered: {SPAWN_TOOL}.", digest, None, None)
+    n, roles = int(match[1]), [r for r in match[2].split(",") if r]
+    rounds = int(match[3] or 1)
+    fail = {int(x) for x in (match[4] or "").split(",") if x}
+    text = (match[5] or "").strip()
+    made = sum(1 for m in turn if m.role == "assistant" and m.tool_calls)
+    answers = [m.text() for m in turn if m.role == "tool"]
+    refused = [a for a in answers if not _is_json(a)]
+    if made < rounds and not refused:
+        r = made + 1
+        tasks = [
+            {
+                "role": roles[(i - 1) % len(roles)],
+                "prompt": f"sub-task {i} of {n} (round {r})"
+                + (f": {text}" if text else "")
+                + (" REJECT" if i in fail else ""),
+            }
+            for i in range(1, n + 1)
+        ]
+        call = ToolCall(
+            id="call_" + hashlib.sha256(f"{digest}:spawn".encode()).hexdigest()[:24],
+            function=ToolFunction(name=SPAWN_TOOL, arguments=json.dumps({"tasks": tasks})),
+        )
+        return Reply(None, [call], "tool_calls", 3 + estimate_tokens(call.function.arguments))
+    if refused:
+        return _text_reply(f"Spawn refused: {refused[-1]}", digest, None, None)
+    total = succeeded = 0
+    parts: list[str] = []
+    for answer in answers:
+        found = json.loads(answer)
+        total += int(found.get("sub_agents", 0))
+        succeeded += int(found.get("succeeded", 0))
+        for row in found.get("results", []):
+            said = row.get("output") or row.get("error") or ""
+            parts.append(f"{row.get('id')}({row.get('role')},{row.get('status')}): {said[:40]}")
+    head = (
+        f"Synthesis: {len(answers)} round(s), {total} sub-agents, {succeeded} succeeded, "
+        f"{total - succeeded} failed: "
+    )
+    return _text_reply(head + " | ".join(parts), digest, None, None)
+
+
+def compose_reply(request: ChatRequest, config: FakeLLMConfig) -> Reply:
+    """Apply the directive rules of the module docstring; a pure function of the request."""
+    digest = _digest(request.messages)
+    said, turn = _last_user(request)
+    if (spawn := _SPAWN.search(said)) is not None and request.tool_choice != "none":
+        return _spawn_reply(spawn, request, turn, digest)
     length = min(int(found[1]), _MAX_REPLY) if (found := _REPLY_LEN.search(said)) else None
     cap = request.max_completion_tokens or request.max_tokens
     try:
@@ -528,6 +605,8 @@ class FakeProvider:
             return self.error(400, unsupported, param="stream", code="unsupported_value")
         if (problem := tool_call_problem(chat.messages)) is not None:
             return self.error(400, problem, param="messages")
+        if rejects(chat):
+            return self.error(400, "Rejected: the request carries the REJECT directive")
         reply = compose_reply(chat, self.config)
         prompt_tokens = estimate_prompt_tokens(chat)
         if (limited := self.admit(prompt_tokens + reply.completion_tokens)) is not None:

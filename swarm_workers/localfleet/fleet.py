@@ -5,10 +5,11 @@ servers, writes the swarm.toml the workers read (the endpoints filled in), start
 workers, and stops everything, newest first, on exit. The demo, the benchmarks and the
 test fixtures all start processes through this package.
 
->>> spec = FleetSpec(config={"roles": {"default": {"concurrency": 4}}},
-...                  workers=(WorkerSpec(),))
->>> with LocalFleet(spec, workdir) as fleet:                      # doctest: +SKIP
-...     client = SwarmClient(settings=fleet.settings())
+Usage::
+
+    spec = FleetSpec(config={"roles": {"default": {"concurrency": 4}}}, workers=(WorkerSpec(),))
+    with LocalFleet(spec, workdir) as fleet:
+        client = SwarmClient(settings=fleet.settings())
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
-
-from swarm_workers.config import Settings
+from swarm_workers.config import Settings, given_settings
 from swarm_workers.localfleet.process import ProcessGroup
 from swarm_workers.localfleet.services import (
     FakeProvider,
@@ -74,26 +73,11 @@ class FleetSpec:
     worker_ready_timeout_s: float = 90.0
 
 
-class _FileOnlySettings(Settings):
-    """Settings from the file alone: the environment of the process reading it is ignored."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
 def file_settings(path: Path) -> Settings:
     """What a worker started with only `SWARM_CONFIG=path` reads, whatever this
     process's own environment holds (a producer's `REDIS_URL` cannot redirect it)."""
     data = tomllib.loads(path.read_text())
-    return _FileOnlySettings(**data, config_path=path)
+    return given_settings({**data, "config_path": path})
 
 
 class LocalFleet:

@@ -4,9 +4,11 @@ Each `start_*` spawns one process in a `ProcessGroup`, waits until it answers, a
 returns a handle that can probe and stop it. If it never answers, it is stopped and
 the error carries its log. A handle's `stop()` is safe to call twice.
 
->>> with ProcessGroup() as group:                               # doctest: +SKIP
-...     redis = start_redis(group, workdir)
-...     llm = start_fake_llm(group, "--latency-ms", "5")
+Usage::
+
+    with ProcessGroup() as group:
+        redis = start_redis(group, workdir)
+        llm = start_fake_llm(group, "--latency-ms", "5")
 """
 
 from __future__ import annotations

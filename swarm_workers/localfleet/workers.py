@@ -1,7 +1,9 @@
 """`swarm worker` processes: what to start (`WorkerSpec`) and the running one (`Worker`).
 
->>> worker = start_worker(group, WorkerSpec(roles=("research",)), name="w0",  # doctest: +SKIP
-...                       workdir=tmp, config=Path("swarm.toml"))
+Usage::
+
+    worker = start_worker(group, WorkerSpec(roles=("research",)), name="w0",
+                          workdir=tmp, config=Path("swarm.toml"))
 """
 
 from __future__ import annotations

@@ -50,7 +50,9 @@ def retry_delay(depth: int, mark: int, drain_rate_per_s: float) -> float:
 class AdmissionControl:
     """Checks a queue's depth against its priority's high-water mark before a submit.
 
-    >>> AdmissionControl.from_settings(load_settings(None)).check("p1.default")
+    Usage::
+
+        AdmissionControl.from_settings(load_settings(None)).check("p1.default")
     """
 
     def __init__(

@@ -211,8 +211,9 @@ def buckets_for(
 
     `name` is the model, for the error a bad limit raises.
 
-    >>> buckets_for("{swarm:rl:m}", ModelLimit(rpm=600, tpm=60_000), 3.0)[0]
-    Bucket(key='{swarm:rl:m}:rpm', capacity=30.0, rate_per_s=9.460580912863071)
+    >>> rpm, tpm = buckets_for("{swarm:rl:m}", ModelLimit(rpm=600, tpm=60_000), 3.0)
+    >>> rpm.key, rpm.capacity, round(rpm.rate_per_s, 4)
+    ('{swarm:rl:m}:rpm', 30.0, 9.4606)
     """
 
     def one(kind: str, per_minute: int, minimum: float) -> Bucket:
@@ -235,8 +236,9 @@ def bucket_levels(client: RedisClient, settings: Settings, model: str) -> dict[s
 
     The global (`"*"`) pair, when there is one, is named `*:rpm` and `*:tpm`.
 
-    >>> bucket_levels(redis.Redis(), settings, "kimi-k2-0905")
-    {'rpm': 0.83, 'tpm': 0.41}
+    Usage::
+
+        bucket_levels(redis.Redis(), settings, "kimi-k2-0905")  # {'rpm': 0.83, 'tpm': 0.41}
     """
     if not settings.ratelimit.enabled or not settings.ratelimit.models:
         return {}
@@ -254,8 +256,10 @@ def bucket_levels(client: RedisClient, settings: Settings, model: str) -> dict[s
 class BucketReservation:
     """One admitted request: settle it once, with `reconcile` or `cancel`.
 
-    >>> reservation = limiter.acquire("m", Priority.P2, tokens=3_000)
-    >>> reservation.reconcile(used_tokens=2_100)  # gives 900 tokens back
+    Usage::
+
+        reservation = limiter.acquire("m", Priority.P2, tokens=3_000)
+        reservation.reconcile(used_tokens=2_100)  # gives 900 tokens back
     """
 
     def __init__(self, bucket: RedisTokenBucket, tokens: int, waited_s: float = 0.0) -> None:
@@ -293,8 +297,10 @@ class TokenBucketLimiter:
 
     Models without a configured limit (and no `"*"` limit) are not limited.
 
-    >>> limiter = TokenBucketLimiter(redis.Redis(), settings.ratelimit, prefix="swarm")
-    >>> reservation = limiter.acquire("kimi-k2-0905", Priority.P0, tokens=9_000)
+    Usage::
+
+        limiter = TokenBucketLimiter(redis.Redis(), settings.ratelimit, prefix="swarm")
+        reservation = limiter.acquire("kimi-k2-0905", Priority.P0, tokens=9_000)
     """
 
     def __init__(

@@ -14,9 +14,11 @@ A failure is an error reaching the server, a timeout, or a call slower than
 fleet gets the probe (SET NX with a lease, so a probe whose worker dies is retried);
 everyone else fails fast until the probe's outcome closes or re-opens the breaker.
 
->>> breaker = CircuitBreaker(redis.Redis(), "swarm", BreakerSettings())  # doctest: +SKIP
->>> permit = breaker.allow("search")                                      # doctest: +SKIP
->>> breaker.record(permit, ok=True, latency_s=0.12)                       # doctest: +SKIP
+Usage::
+
+    breaker = CircuitBreaker(redis.Redis(), "swarm", BreakerSettings())
+    permit = breaker.allow("search")
+    breaker.record(permit, ok=True, latency_s=0.12)
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ class BreakerState:
 class CircuitBreaker:
     """Per-server breakers in Redis, shared by every worker using the same key prefix.
 
-    >>> CircuitBreaker(client, "swarm", BreakerSettings()).allow("search").allowed  # doctest: +SKIP
-    True
+    Usage::
+
+        CircuitBreaker(client, "swarm", BreakerSettings()).allow("search").allowed
+        # -> True
     """
 
     def __init__(

@@ -14,9 +14,11 @@ Two rules from the SDK's contract matter here:
   credential, never request data: `credential_partition` hashes the bearer token,
   configured headers or stdio environment, so two principals never share a private entry.
 
->>> store = RedisResponseCacheStore(redis.asyncio.Redis(), "swarm")  # doctest: +SKIP
->>> CacheConfig(store=store, partition=credential_partition(server), target_id=target_id(server))
-... # doctest: +SKIP
+Usage::
+
+    store = RedisResponseCacheStore(redis.asyncio.Redis(), "swarm")
+    CacheConfig(store=store, partition=credential_partition(server), target_id=target_id(server))
+
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ _RESULT_TYPES: dict[str, type[Result]] = {
 class RedisResponseCacheStore:
     """`mcp.client.caching.ResponseCacheStore` on Redis; entries expire with their TTL.
 
-    >>> Client(url, cache=CacheConfig(store=RedisResponseCacheStore(aredis, "swarm"),
-    ...                               partition="cred-1f2e"))  # doctest: +SKIP
+    Usage::
+
+        Client(url, cache=CacheConfig(store=RedisResponseCacheStore(aredis, "swarm"),
+                                      partition="cred-1f2e"))
 
     Use one instance per `Client` (per server connection): `stored_at(method)` then
     tells the registry how old the listing it was just served is, for `swarm tools`.

@@ -4,9 +4,11 @@ Servers added to `swarm.toml` join a running fleet without a restart: the regist
 asks a `ServersSource` for the server list on every refresh. The file is the one the
 settings were read from (`Settings.config_path`), never an environment variable.
 
->>> source = servers_source(load_settings("swarm.toml"))   # doctest: +SKIP
->>> sorted(source())                                       # doctest: +SKIP
-['docs', 'files']
+Usage::
+
+    source = servers_source(load_settings("swarm.toml"))
+    sorted(source())
+    # -> ['docs', 'files']
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ the client's message handler in both eras (2026-07-28 events come from a
 `subscriptions/listen` stream the owner keeps open; the SDK tees them to the handler
 after evicting the response cache).
 
->>> loop = LoopThread("mcp"); loop.start()         # tools/loop_thread.py # doctest: +SKIP
->>> conn = ServerConnection("search", settings, store=store, on_connected=hook,
-...                         on_list_changed=changed)                    # doctest: +SKIP
->>> loop.run(conn.call_tool("search", {"query": "x"}, timeout=5), 6)     # doctest: +SKIP
+Usage::
+
+    loop = LoopThread("mcp"); loop.start()         # tools/loop_thread.py
+    conn = ServerConnection("search", settings, store=store, on_connected=hook,
+                            on_list_changed=changed)
+    loop.run(conn.call_tool("search", {"query": "x"}, timeout=5), 6)
 """
 
 from __future__ import annotations
@@ -143,9 +145,11 @@ OnListChanged = Callable[[str, ListKind], None]
 class ServerConnection:
     """One MCP server's connection in this process: connect, keep, reconnect, call.
 
-    >>> conn = ServerConnection("kb", settings, store=store, default_ttl_ms=300_000,
-    ...                         on_connected=hook, on_list_changed=changed)  # doctest: +SKIP
-    >>> conn.start(); await conn.call_tool("search", {"query": "x"}, 10.0)   # doctest: +SKIP
+    Usage::
+
+        conn = ServerConnection("kb", settings, store=store, default_ttl_ms=300_000,
+                                on_connected=hook, on_list_changed=changed)
+        conn.start(); await conn.call_tool("search", {"query": "x"}, 10.0)
 
     Every method runs on the loop thread. Calls raise `ServerUnavailable` when the
     server cannot be reached or times out, `MCPError` when it answered with an error.

@@ -14,9 +14,11 @@ lists first serves everyone; a Redis lock per server and method makes fifty work
 booting together list once: the winner lists, the others wait for the lock to go and
 read its entry. Each worker publishes what it holds (`Keys.tool_view`) for `swarm tools`.
 
->>> discovery = Discovery(settings.tools, Catalog(), redis_url=url, keys=Keys(),
-...                       source=lambda: settings.tools.servers)     # doctest: +SKIP
->>> await discovery.boot(wait_s=5)                                   # doctest: +SKIP
+Usage::
+
+    discovery = Discovery(settings.tools, Catalog(), redis_url=url, keys=Keys(),
+                          source=lambda: settings.tools.servers)
+    await discovery.boot(wait_s=5)
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ the role's allowlist, the tool's argument schema, the server's circuit breaker
 failures), and the output cap. A call waits at most its `timeout`, and that is the
 whole wait: the hand-off to the MCP loop thread, the connection, the server.
 
->>> registry = ToolRegistry(settings.tools, redis_client, redis_url=url).start()  # doctest: +SKIP
->>> registry.call("search__search", {"query": "late binding"}, timeout=10,
-...               allowed=["search__*"], role="research").content                 # doctest: +SKIP
+Usage::
+
+    registry = ToolRegistry(settings.tools, redis_client, redis_url=url).start()
+    registry.call("search__search", {"query": "late binding"}, timeout=10,
+                  allowed=["search__*"], role="research").content
 """
 
 from __future__ import annotations
@@ -71,9 +73,11 @@ class ToolRegistry:
     Thread-safe: pool threads call `specs`, `call` and `role_context`; discovery and the
     connections live on the registry's own event-loop thread.
 
-    >>> registry = ToolRegistry(settings.tools, client, redis_url=url).start()  # doctest: +SKIP
-    >>> [spec.name for spec in registry.specs(["search__*"])]                   # doctest: +SKIP
-    ['search__add', 'search__search']
+    Usage::
+
+        registry = ToolRegistry(settings.tools, client, redis_url=url).start()
+        [spec.name for spec in registry.specs(["search__*"])]
+        # -> ['search__add', 'search__search']
     """
 
     def __init__(

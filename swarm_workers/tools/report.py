@@ -6,8 +6,10 @@ an operator sees what the workers see without opening MCP sessions of their own.
 `live=True` first builds a registry in this process (connects, lists through the shared
 cache, publishes), for a fleet with no worker running yet.
 
->>> rows = tool_rows(load_settings(None), redis_client(url))  # doctest: +SKIP
->>> print(rows_json(rows))                                      # doctest: +SKIP
+Usage::
+
+    rows = tool_rows(load_settings(None), redis_client(url))
+    print(rows_json(rows))
 """
 
 from __future__ import annotations

@@ -1,0 +1,233 @@
+"""Model-directed swarms on real workers: a supervisor's `swarm__spawn`, its limits, its
+continuation, and what survives a worker SIGKILLed while the supervisor waits.
+
+The shipped fake provider plays the models: `SPAWN n roles=a,b` makes a supervisor
+spawn n sub-tasks and then synthesise from their results.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from swarm_workers.client import SwarmClient
+from swarm_workers.config import load_settings
+from swarm_workers.errors import SpawnRefused
+from swarm_workers.models import AgentTask, Priority, SubAgent, TaskResult, TaskState
+from swarm_workers.swarm import Spawner
+
+from .conftest import FakeLLM, WorkerFactory, spawn_fake_llm, wait_until
+
+ROLES = ("boss", "research", "summarize")
+
+
+def _roles(**spawn: Any) -> dict[str, Any]:
+    return {
+        "boss": {"concurrency": 4, "spawn": spawn or True, "max_steps": 6},
+        "research": {"concurrency": 4, "spawn": spawn or True},
+        "summarize": {"concurrency": 4},
+    }
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    fake = spawn_fake_llm("--latency-ms", "300")
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fleet(
+    redis_url: str, swarm_config: Callable[..., Path], llm: FakeLLM, start_worker: WorkerFactory
+) -> Iterator[Callable[..., SwarmClient]]:
+    """`fleet(roles=..., worker=..., workers=1, concurrency=24)`: workers started, a client."""
+    start_worker.env["SWARM_LLM_BASE_URL"] = llm.base_url
+    made: list[SwarmClient] = []
+
+    def make(
+        roles: dict[str, Any] | None = None,
+        workers: int = 1,
+        concurrency: int = 24,
+        **sections: Any,
+    ) -> SwarmClient:
+        config = swarm_config(roles=roles or _roles(), **sections)
+        for _ in range(workers):
+            start_worker(ROLES, config=config, concurrency=concurrency)
+        client = SwarmClient(settings=load_settings(config, redis_url=redis_url))
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def _flat(agents: tuple[SubAgent, ...]) -> list[SubAgent]:
+    return [x for a in agents for x in (a, *_flat(a.children))]
+
+
+def test_a_supervisor_spawns_20_sub_agents_that_run_in_parallel(
+    fleet: Callable[..., SwarmClient], llm: FakeLLM, redis_conn: redis.Redis
+) -> None:
+    client = fleet()
+    handle = client.submit("SPAWN 20 roles=research,summarize", role="boss", priority="P1")
+    result = handle.result(timeout=90)
+    assert result.ok, result.error
+    assert result.output is not None
+    assert result.output.startswith("Synthesis: 1 round(s), 20 sub-agents, 20 succeeded")
+    tree = result.swarm
+    assert tree is not None and tree.rounds == 1 and tree.total_agents == 20
+    assert {a.role for a in tree.children} == {"research", "summarize"}
+    assert all(a.status == "succeeded" and a.run_s is not None for a in tree.children)
+    # Each sub-agent ran once: one model call each, plus the supervisor's two turns.
+    assert llm.stats()["completions"] == 20 + 2
+    assert result.steps == 2 and result.steps_resumed == 1  # continued after the spawn
+    # In parallel: the tree took much less than one agent doing it all in turn.
+    assert tree.wall_s is not None and tree.wall_s * 3 < tree.sequential_s
+    assert tree.critical_path_s <= tree.wall_s
+    assert tree.completion_tokens == sum(a.completion_tokens for a in tree.children)
+    # The supervisor's checkpoint, ledger and totals are gone with its outcome recorded.
+    left = sorted(k.decode() for k in redis_conn.scan_iter(match=f"*{{{handle.id}}}*"))
+    assert left == [f"swarm:result:{{{handle.id}}}"]
+
+
+def _refused(result: TaskResult) -> str:
+    assert result.ok, result.error
+    assert result.output is not None and result.output.startswith("Spawn refused"), result.output
+    return result.output
+
+
+def test_sub_agents_per_spawn_limit(fleet: Callable[..., SwarmClient], llm: FakeLLM) -> None:
+    client = fleet(roles=_roles(max_per_spawn=3))
+    result = client.submit("SPAWN 4 roles=research", role="boss").result(timeout=60)
+    assert "at most 3 per call" in _refused(result)
+    assert result.swarm is None and llm.stats()["completions"] == 2  # no sub-agent ran
+
+
+def test_sub_agents_per_tree_limit(fleet: Callable[..., SwarmClient]) -> None:
+    client = fleet(roles=_roles(max_total=5))
+    result = client.submit("SPAWN 3 roles=research rounds=2", role="boss").result(timeout=60)
+    assert "tree limit" in _refused(result)
+    assert result.swarm is not None and result.swarm.total_agents == 3  # round 1 only
+
+
+def test_tree_token_budget(fleet: Callable[..., SwarmClient]) -> None:
+    roles = _roles(tree_budget=150)
+    roles["summarize"]["budgets"] = {"P1": 100}
+    client = fleet(roles=roles)
+    result = client.submit("SPAWN 2 roles=summarize", role="boss").result(timeout=60)
+    assert "tree budget" in _refused(result)
+
+
+def test_depth_limit_and_a_deeper_tree(fleet: Callable[..., SwarmClient]) -> None:
+    client = fleet(roles=_roles())  # max_depth 1: children may not spawn
+    prompt = "SPAWN 1 roles=research | SPAWN 2 roles=summarize"
+    result = client.submit(prompt, role="boss").result(timeout=60)
+    assert result.ok and result.swarm is not None
+    (child,) = result.swarm.children
+    assert "depth limit" in (client.result(child.task_id, timeout=5).output or "")
+
+    client = fleet(roles=_roles(max_depth=2))
+    result = client.submit(prompt, role="boss").result(timeout=60)
+    assert result.ok and result.swarm is not None
+    assert result.swarm.total_agents == 3  # one child, its two own
+    (child,) = result.swarm.children
+    assert [a.role for a in child.children] == ["summarize", "summarize"]
+    assert (client.result(child.task_id, timeout=5).output or "").startswith(
+        "Synthesis: 1 round(s), 2 sub-agents, 2 succeeded"
+    )
+
+
+def test_priority_is_inherited_and_never_raised(
+    redis_conn: redis.Redis, redis_url: str, swarm_config: Callable[..., Path]
+) -> None:
+    settings = load_settings(swarm_config(roles=_roles()), redis_url=redis_url)
+    spawner = Spawner(redis_conn, settings)
+    boss = AgentTask(role="boss", priority=Priority.P1, prompt="x", output_budget=100)
+    with pytest.raises(SpawnRefused, match="never raised"):
+        spawner.answer(boss, "call_a", '{"tasks": [{"prompt": "y", "priority": "P0"}]}')
+    spawner.answer(
+        boss, "call_b", '{"tasks": [{"prompt": "y"}, {"prompt": "z", "priority": "P2"}]}'
+    )
+    (record,) = spawner.rounds(boss.id)
+    tasks = spawner.prepared(record.dag_id).tasks
+    assert [t.priority for t in tasks.values()] == [Priority.P1, Priority.P2]
+
+
+def test_a_failing_sub_agent_is_a_failed_result_for_the_supervisor(
+    fleet: Callable[..., SwarmClient],
+) -> None:
+    client = fleet()
+    result = client.submit("SPAWN 3 roles=research fail=2", role="boss").result(timeout=60)
+    assert result.ok, result.error
+    assert (result.output or "").startswith(
+        "Synthesis: 1 round(s), 3 sub-agents, 2 succeeded, 1 failed"
+    )
+    assert result.swarm is not None
+    failed = [a for a in result.swarm.children if a.status == "failed"]
+    assert len(failed) == 1 and failed[0].error is not None
+    assert failed[0].error.type == "ProviderRejected"
+
+
+def test_rounds_continue_the_same_supervisor(fleet: Callable[..., SwarmClient]) -> None:
+    client = fleet()
+    result = client.submit("SPAWN 3 roles=research rounds=2", role="boss").result(timeout=60)
+    assert (result.output or "").startswith("Synthesis: 2 round(s), 6 sub-agents, 6 succeeded")
+    assert result.swarm is not None and result.swarm.rounds == 2
+    assert result.steps == 3 and result.steps_resumed == 2
+
+
+def test_cancelling_the_root_cancels_the_tree(fleet: Callable[..., SwarmClient]) -> None:
+    client = fleet(concurrency=2)  # most sub-agents wait in their queue
+    handle = client.submit("SPAWN 12 roles=research", role="boss")
+    wait_until(
+        lambda: (t := client.tree(handle.id)) is not None and t.total_agents == 12, 30, "spawn"
+    )
+    live = client.tree(handle.id)
+    assert live is not None
+    client.cancel(handle.id)
+    result = handle.result(timeout=60)
+    assert result.status == "cancelled"
+    children = [a.task_id for a in live.children]
+    done = [client.result(child, timeout=30) for child in children]
+    assert all(r.status in ("succeeded", "cancelled") for r in done)
+    assert sum(r.status == "cancelled" for r in done) >= 6  # queued ones never ran
+
+
+@pytest.mark.slow
+def test_a_worker_sigkilled_while_the_supervisor_waits_loses_nothing(
+    fleet: Callable[..., SwarmClient],
+    start_worker: WorkerFactory,
+    redis_conn: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    client = fleet(
+        workers=2,
+        concurrency=3,
+        worker={"visibility_timeout_s": 8, "task_time_limit_s": 7, "lease_ttl_s": 2},
+    )
+    handle = client.submit("SPAWN 10 roles=research,summarize", role="boss")
+    wait_until(
+        lambda: (
+            (t := client.tree(handle.id)) is not None
+            and any(a.status == "running" for a in t.children)
+            # The supervisor holds no worker thread while it waits: no lease.
+            and client.status(handle.id).state is TaskState.QUEUED
+        ),
+        30,
+        "sub-agents to run while the supervisor waits",
+    )
+    doomed = start_worker.started[0]
+    doomed.signal(signal.SIGKILL)
+    assert doomed.wait(10) == -signal.SIGKILL
+    start_worker(ROLES, config=tmp_path / "swarm.toml", concurrency=3)  # swarm_config's
+    result = handle.result(timeout=120)
+    assert result.ok, result.error
+    assert (result.output or "").startswith("Synthesis: 1 round(s), 10 sub-agents, 10 succeeded")
+    assert result.swarm is not None and all(a.status == "succeeded" for a in result.swarm.children)
+    wait_until(lambda: redis_conn.hlen("unacked") == 0, 20, "every message acknowledged")
