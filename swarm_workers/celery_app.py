@@ -19,19 +19,20 @@ import base64
 import json
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
 from kombu.entity import Exchange, Queue
 from kombu.serialization import dumps
 
-from swarm_workers import tasks
 from swarm_workers.config import Settings
-from swarm_workers.execution import Runtime
 from swarm_workers.models import AgentTask
 from swarm_workers.queues import ALL_PRIORITIES, RUN_AGENT, queue_name
 from swarm_workers.redis_client import redis_client
+
+if TYPE_CHECKING:  # the worker's runtime; producers never load the execution stack
+    from swarm_workers.execution import Runtime
 
 __all__ = ["SwarmCelery", "create_app", "ping_workers", "send_agent_task", "send_agent_tasks"]
 
@@ -108,7 +109,6 @@ def create_app(settings: Settings) -> SwarmCelery:
         result_extended=False,
         broker_channel_error_retry=True,
     )
-    tasks.register(app)
     return app
 
 

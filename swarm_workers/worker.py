@@ -220,6 +220,7 @@ def build_worker_app(settings: Settings, roles: Sequence[str]) -> SwarmCelery:
     for role in roles:
         settings.role(role)  # UnknownRole before anything starts
     app = create_app(settings)
+    tasks.register(app)  # the task bodies: a worker's, a producer sends by name
     app.steps["consumer"].add(Heartbeat)
     app.steps["worker"].add(MetricsEndpoint)
     app.steps["worker"].add(ProcessRuntime)

@@ -1,21 +1,7 @@
-"""The agent loop: LLM calls, tool calls, budgets. Plain Python, no Celery.
+"""The agent loop: LLM calls, tool calls, budgets, checkpoints. Plain Python, no Celery.
 
 `loop.run_agent` drives one task; `llm` holds the client, the retrying call and the
-error mapping; `budget` the token arithmetic. Nothing here imports Celery or Redis.
+error mapping; `budget` the token arithmetic; `checkpoint` the state saved after each
+step. Import the module you need: this package imports none of them, so a producer
+that reads a context window does not load the `openai` SDK.
 """
-
-from swarm_workers.agent.budget import OutputBudget, TokenCounter, token_counter
-from swarm_workers.agent.llm import RetryPolicy, build_llm_client, complete
-from swarm_workers.agent.loop import AgentOutcome, AgentRuntime, run_agent
-
-__all__ = [
-    "AgentOutcome",
-    "AgentRuntime",
-    "OutputBudget",
-    "RetryPolicy",
-    "TokenCounter",
-    "build_llm_client",
-    "complete",
-    "run_agent",
-    "token_counter",
-]

@@ -70,9 +70,10 @@ class CheckpointStore:
         self.ttl_s = ttl_s
         self._save = client.register_script(_SAVE)
 
-    def writer(self, task_id: str, token: str = "") -> CheckpointWriter:
-        """The checkpoints of one run of `task_id`, fenced by its lease `token`."""
-        return CheckpointWriter(self, task_id, token)
+    def writer(self, task_id: str, token: str = "", *, fresh: bool = False) -> CheckpointWriter:
+        """The checkpoints of one run of `task_id`, fenced by its lease `token`.
+        `fresh`: the caller knows there is none to load (the begin script said so)."""
+        return CheckpointWriter(self, task_id, token, fresh=fresh)
 
     def load(self, task_id: str) -> Checkpoint | None:
         pipe = self.redis.pipeline(transaction=False)
@@ -90,13 +91,18 @@ class CheckpointStore:
 class CheckpointWriter:
     """Saves one run's checkpoints; remembers which blobs are stored already."""
 
-    def __init__(self, store: CheckpointStore, task_id: str, token: str) -> None:
+    def __init__(
+        self, store: CheckpointStore, task_id: str, token: str, *, fresh: bool = False
+    ) -> None:
         self.store = store
         self.task_id = task_id
         self.token = token
+        self.fresh = fresh
         self._stored: set[str] = set()
 
     def load(self) -> Checkpoint | None:
+        if self.fresh:
+            return None
         found = self.store.load(self.task_id)
         if found is not None:
             self._stored.update(_digests(found.messages))

@@ -68,6 +68,8 @@ class Claim:
     renewed_at: float = field(default_factory=time.monotonic)
     lost: bool = False
     cancelled: bool = False
+    # Known at begin: a fresh run need not ask Redis for a checkpoint it has not got.
+    has_checkpoint: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,8 @@ class Claims:
 
     def begin(self, task_id: str, deadline: Deadline) -> Begun:
         token = uuid.uuid4().hex
-        kind, value = self._begin(
-            keys=self._task_keys(task_id),
+        kind, value, *more = self._begin(
+            keys=[*self._task_keys(task_id), self.keys.checkpoint(task_id)],
             args=[token, int(self.lease_ttl_s * 1000), self.attempts_ttl_s],
         )
         kind = kind.decode() if isinstance(kind, bytes) else kind
@@ -125,7 +127,13 @@ class Claims:
             return Begun("cancelled")
         if kind == "busy":
             return Begun("busy", busy_for_s=max(0.0, int(value) / 1000))
-        claim = Claim(task_id=task_id, token=token, runs=int(value), deadline=deadline)
+        claim = Claim(
+            task_id=task_id,
+            token=token,
+            runs=int(value),
+            deadline=deadline,
+            has_checkpoint=bool(more and int(more[0])),
+        )
         with self._lock:
             self._held[task_id] = claim
             self._ensure_renewer()

@@ -254,7 +254,9 @@ def _run(
                 ran,
                 runtime,
                 deadline,
-                durable=runtime.checkpoints.writer(task.id, claim.token),
+                durable=runtime.checkpoints.writer(
+                    task.id, claim.token, fresh=not claim.has_checkpoint
+                ),
                 spawner=runtime.spawner,
             )
     except SwarmError as exc:
