@@ -344,6 +344,13 @@ class Census:
     recover_what: str
     elapsed_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    # Lost where only kombu's BRPOP-to-unacked window can lose a message: in no queue,
+    # not in `unacked`, never begun (no lease, no run count). docs/reliability.md.
+    lost_in_kombu_window: int = 0
+
+    @property
+    def lost_by_us(self) -> int:
+        return self.lost - self.lost_in_kombu_window
 
     def emit(self) -> None:
         row = asdict(self) | {"at": datetime.now().isoformat(timespec="seconds")}
@@ -420,9 +427,10 @@ def take_census(
         },
     )
     if census.lost:
-        census.extra["whereabouts"] = whereabouts(
-            client, [tasks[t] for t in tags if t not in results]
-        )
+        where = whereabouts(client, [tasks[t] for t in tags if t not in results])
+        census.extra["whereabouts"] = where
+        never_received = "unacked=False queued=False lease=0 runs=None"
+        census.lost_in_kombu_window = sum(w == never_received for w in where.values())
     return census, results
 
 

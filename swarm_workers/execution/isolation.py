@@ -14,8 +14,8 @@ Children are forks of a fork server that imported the package once
 starts in milliseconds, not in the seconds a fresh interpreter takes to import
 `openai`: a crashed worker's tasks, all suspects at once, must not become a storm of
 interpreters. At most `worker.isolation_slots` children run at a time per worker
-process; a suspect that gets no slot before its deadline goes back on the queue
-uncounted (`RunDeferred`). A child that fails with an exception is an internal error,
+process; a suspect that gets no slot while half its time limit is left goes back on
+the queue uncounted (`RunDeferred`). A child that fails with an exception is an internal error,
 one still running at the task's deadline a time-limit stop: only a child killed by a
 signal is a crash. Settings travel to the child on its pipe, secrets included, never
 on argv.
@@ -78,8 +78,12 @@ def run_isolated(
     parent's lease `token` (the parent keeps renewing the lease meanwhile).
     """
     slots = _slots_for(runtime.settings)
-    if not slots.acquire(timeout=max(0.0, deadline.remaining())):
-        raise RunDeferred(f"task {task.id}: no isolation slot before its deadline")
+    # A run starts with at least half its time limit left, or not at all: a slot that
+    # came free too late would only turn a crash's innocent victims into time-limit
+    # failures. Deferred, the task goes back on the queue uncounted and comes back.
+    wait_s = max(0.0, deadline.remaining() - deadline.limit_s / 2)
+    if not slots.acquire(timeout=wait_s):
+        raise RunDeferred(f"task {task.id}: no isolation slot while half its time was left")
     try:
         return _in_child(task, runtime, deadline, token)
     finally:
