@@ -93,9 +93,11 @@ def proc_cpu_s(pid: int) -> float:
 class ProcWatch:
     """Samples a process's RSS and thread count every `interval_s` in a thread.
 
-    >>> with ProcWatch(os.getpid()) as watch:                     # doctest: +SKIP
-    ...     work()
-    >>> watch.peak_rss_mb, watch.peak_threads                     # doctest: +SKIP
+    Usage::
+
+        with ProcWatch(os.getpid()) as watch:
+            work()
+        watch.peak_rss_mb, watch.peak_threads
     """
 
     pid: int

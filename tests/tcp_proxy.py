@@ -5,9 +5,11 @@ Clients connect to `proxy.port`; each connection is relayed to the upstream port
 see the socket die, as after a failover or a NAT timeout); `cut_every(0.5)` does it
 on a timer until `stop_cutting()`. New connections are accepted throughout.
 
->>> with TcpProxy(6379) as proxy:                     # doctest: +SKIP
-...     redis.Redis(port=proxy.port).ping()
-...     proxy.cut()
+Usage::
+
+    with TcpProxy(6379) as proxy:
+        redis.Redis(port=proxy.port).ping()
+        proxy.cut()
 """
 
 from __future__ import annotations
