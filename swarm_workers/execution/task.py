@@ -142,7 +142,7 @@ def _deliver(
     if recorded == result:  # a racing twin's outcome was counted by its own worker
         observe_result(result)
         if is_dead(result):
-            _bury(ran, result, runtime, deadline)
+            _bury(ran, result, runtime)
     return recorded
 
 
@@ -176,7 +176,7 @@ def _notify_parent(task: AgentTask, result: TaskResult, runtime: Runtime) -> Non
     log.info("task %s: last of round %d; supervisor %s continued", task.id, number, parent_id)
 
 
-def _bury(task: AgentTask, result: TaskResult, runtime: Runtime, deadline: Deadline) -> None:
+def _bury(task: AgentTask, result: TaskResult, runtime: Runtime) -> None:
     """Keep a dead letter. Its outcome is stored already: if Redis stays away, the letter
     is what is lost (logged), not the task."""
     letter = DeadLetter.of(task, result)
