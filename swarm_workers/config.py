@@ -153,7 +153,12 @@ class LLMSettings(_Section):
     max_retries: int = Field(6, ge=0, le=20)
     backoff_base_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
-    max_connections: int = Field(512, ge=1)
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Connections to the provider per worker process; default: one per pool "
+        "thread. Fewer makes calls wait for a connection (the worker warns at start).",
+    )
     context_windows: dict[str, int] = Field(
         default_factory=lambda: {"kimi-k2-0905": 262_144, "fake-gpt": 131_072}
     )

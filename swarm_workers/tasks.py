@@ -31,14 +31,17 @@ log = logging.getLogger(__name__)
 _build_lock = threading.Lock()
 
 
-def runtime_for(app: Celery, worker_name: str | None = None) -> Runtime:
-    """This app's Runtime: built at worker start (see worker.py), else on first use."""
+def runtime_for(
+    app: Celery, worker_name: str | None = None, *, threads: int | None = None
+) -> Runtime:
+    """This app's Runtime: built at worker start (see worker.py), else on first use;
+    `threads`, the pool's size, sizes its provider connections."""
     runtime: Runtime | None = getattr(app, "swarm_runtime", None)
     if runtime is None:
         with _build_lock:
             runtime = getattr(app, "swarm_runtime", None)
             if runtime is None:
-                runtime = Runtime.build(app.swarm_settings, worker_name)
+                runtime = Runtime.build(app.swarm_settings, worker_name, threads=threads)
                 runtime.sender = CelerySender(app)
                 app.swarm_runtime = runtime
     return runtime

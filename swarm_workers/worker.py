@@ -169,12 +169,27 @@ class ProcessRuntime(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, parent: Any) -> None:
         app = parent.app
-        tasks.runtime_for(app, parent.hostname)
+        threads = parent.concurrency
+        runtime = tasks.runtime_for(app, parent.hostname, threads=threads)
+        _warn_short_of_connections(runtime.settings, threads)
 
         def close(**_: Any) -> None:
             tasks.close_runtime(app)
 
         signals.worker_shutdown.connect(close, weak=False)
+
+
+def _warn_short_of_connections(settings: Settings, threads: int) -> None:
+    """`llm.max_connections` below the pool size holds model calls back, silently but for this."""
+    connections = settings.llm.max_connections
+    if connections is not None and connections < threads:
+        log.warning(
+            "llm.max_connections = %d for %d pool threads: up to %d model calls will wait "
+            "for a connection; unset it to have one per thread",
+            connections,
+            threads,
+            threads - connections,
+        )
 
 
 class MetricsEndpoint(bootsteps.StartStopStep):  # type: ignore[misc]

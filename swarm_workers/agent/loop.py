@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, cast
 
-import openai
 from openai.types.chat import (
     ChatCompletionAssistantMessageParam,
     ChatCompletionMessage,
@@ -56,6 +55,7 @@ from swarm_workers.agent.budget import (
     token_counter,
 )
 from swarm_workers.agent.checkpoint import Checkpoint, CheckpointWriter
+from swarm_workers.agent.clients import LLMClients
 from swarm_workers.agent.llm import ChatRequest, Completion, Redactor, RetryPolicy, complete
 from swarm_workers.config import RoleSettings, Settings
 from swarm_workers.deadline import Deadline
@@ -94,7 +94,7 @@ class AgentRuntime(Protocol):
     settings: Settings
     tools: Toolset
     limiter: Limiter
-    llm: openai.OpenAI
+    llm: LLMClients
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def run_agent(
                 deadline=deadline,
             )
             completion = complete(
-                runtime.llm,
+                runtime.llm.get(),
                 request,
                 limiter=runtime.limiter,
                 policy=policy,

@@ -10,11 +10,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import openai
 import redis
 
 from swarm_workers.agent.checkpoint import CheckpointStore
-from swarm_workers.agent.llm import build_llm_client
+from swarm_workers.agent.clients import LLMClients
 from swarm_workers.config import Settings
 from swarm_workers.dag.prepare import PreparedDag
 from swarm_workers.deadletters import DeadLetterStore
@@ -50,7 +49,7 @@ class Runtime:
     redis: redis.Redis
     tools: Toolset
     limiter: Limiter
-    llm: openai.OpenAI  # one pooled chat-completions client for every pool thread
+    llm: LLMClients  # pooled chat-completions clients, one per group of threads
     results: ResultStore
     claims: Claims
     deadletters: DeadLetterStore
@@ -60,15 +59,19 @@ class Runtime:
     sender: Sender | None = None  # set by the Celery edge; none in an isolated child
 
     @classmethod
-    def build(cls, settings: Settings, worker_name: str | None = None) -> Runtime:
+    def build(
+        cls, settings: Settings, worker_name: str | None = None, *, threads: int | None = None
+    ) -> Runtime:
+        """`threads`: the worker's pool size (default: the largest role concurrency)."""
         client = redis_client(settings.redis_url)
         worker = settings.worker
+        threads = threads or max(role.concurrency for role in settings.roles.values())
         return cls(
             settings=settings,
             redis=client,
             tools=build_toolset(settings, client),
             limiter=build_limiter(settings, client),
-            llm=build_llm_client(settings.llm),
+            llm=LLMClients(settings.llm, threads),
             results=ResultStore.from_settings(settings, client),
             claims=Claims(
                 client,
