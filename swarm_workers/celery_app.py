@@ -83,7 +83,9 @@ def create_app(settings: Settings) -> SwarmCelery:
         task_track_started=False,
         task_time_limit=worker.task_time_limit_s,
         task_send_sent_event=True,
-        worker_send_task_events=True,
+        # The app's setting wins over a worker's missing `--task-events` in Celery, so the
+        # fleet's choice (`worker.task_events`) has to be made here.
+        worker_send_task_events=worker.task_events,
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
@@ -106,6 +108,9 @@ def create_app(settings: Settings) -> SwarmCelery:
             "result_chord_ordered": True,
         },
         result_expires=settings.limits.result_ttl_s,
+        # One result backend (one Redis pool) for the process, not one per pool thread:
+        # at 1,000 threads each built its own on its first task (bench/README.md).
+        result_backend_thread_safe=True,
         result_extended=False,
         broker_channel_error_retry=True,
     )

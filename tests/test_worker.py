@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -155,3 +155,42 @@ def test_a_worker_names_its_llm_endpoint_and_warns_on_the_default(
     unset = start_worker(env={"SWARM_LLM_BASE_URL": "http://127.0.0.1:8400/v1"})
     assert "NO LLM ENDPOINT CONFIGURED" in unset.output()
     assert "fake-gpt" in unset.output()
+
+
+def _task_events_while(redis_conn: redis.Redis, run: Callable[[], None]) -> list[str]:
+    """The task-* event types workers publish (kombu fans `celeryev` out with PUBLISH)
+    while `run()` runs."""
+    listener = redis_conn.pubsub(ignore_subscribe_messages=True)
+    listener.psubscribe("*celeryev*")
+    try:
+        listener.get_message(timeout=0.2)  # the subscription is live from here
+        run()
+        seen: list[str] = []
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 1.0:  # events trail the result a little
+            message = listener.get_message(timeout=0.2)
+            if message is not None:
+                quiet_since = time.monotonic()
+                channel = message["channel"].decode()  # `/<db>.celeryev/<routing key>`
+                routing_key = channel.rsplit("/", 1)[-1]
+                if routing_key.startswith("task"):
+                    seen.append(routing_key)
+        return seen
+    finally:
+        listener.close()
+
+
+def test_task_events_follow_the_setting(
+    start_worker: WorkerFactory, client: SwarmClient, redis_conn: redis.Redis
+) -> None:
+    """`worker.task_events = false` sends none (Celery's `worker_send_task_events` in
+    the app's config used to win over the worker's missing `--task-events`)."""
+
+    def one_task() -> None:
+        assert client.submit("observe me", priority="P1").result(timeout=30).ok
+
+    quiet = start_worker(env={"SWARM_WORKER_TASK_EVENTS": "false"})
+    assert _task_events_while(redis_conn, one_task) == []
+    quiet.stop()
+    start_worker()
+    assert _task_events_while(redis_conn, one_task)  # Flower's default view: events on
