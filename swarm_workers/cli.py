@@ -570,9 +570,10 @@ def flower(
 
     Task arguments show as a redacted summary (role, priority, id, prompt length) and
     task results as id, status, output size and tokens: agent outputs stay out of
-    Flower while `redact_prompts` is on (set it to false to see them). Workers send
-    the task events Flower shows unless `worker.task_events = false`. Extra options go
-    to Flower.
+    Flower while `redact_prompts` is on (set it to false to see them). Workers send no
+    task events until Flower turns them on (it does every few seconds while it runs;
+    `--enable_events=false` stops it), or from the start with `worker.task_events =
+    true`. Extra options go to Flower.
     """
 
     from swarm_workers.celery_app import create_app

@@ -289,8 +289,10 @@ class WorkerSettings(_Section):
     # How long a run retries Redis (a failover, a dropped connection) before its message
     # goes back on the queue with the run uncounted.
     redis_retry_s: float = Field(30.0, ge=0, le=600)
-    # Task events for Flower (received, started, succeeded): off saves CPU per task.
-    task_events: bool = True
+    # Task events (received, started, succeeded) from the start. Off by default: they
+    # cost CPU a task and only a monitor reads them, and Flower turns them on in every
+    # worker while it runs (its `enable_events`, a control broadcast every few seconds).
+    task_events: bool = False
     heartbeat_file: Path = Path("/tmp/swarm-worker.heartbeat")
     heartbeat_interval_s: float = Field(5.0, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)

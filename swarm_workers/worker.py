@@ -209,7 +209,7 @@ def worker_argv(
     concurrency: int,
     loglevel: str = "INFO",
     hostname: str | None = None,
-    task_events: bool = True,
+    task_events: bool = False,
 ) -> list[str]:
     """The `celery worker` argv for these roles; also what the tests inspect."""
     queues = worker_queues(roles, priorities)

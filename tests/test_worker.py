@@ -180,17 +180,22 @@ def _task_events_while(redis_conn: redis.Redis, run: Callable[[], None]) -> list
         listener.close()
 
 
-def test_task_events_follow_the_setting(
+def test_task_events_are_off_until_flower_or_the_setting_turns_them_on(
     start_worker: WorkerFactory, client: SwarmClient, redis_conn: redis.Redis
 ) -> None:
-    """`worker.task_events = false` sends none (Celery's `worker_send_task_events` in
-    the app's config used to win over the worker's missing `--task-events`)."""
+    """Workers send no task events by default (`worker.task_events`); the control
+    broadcast Flower repeats while it runs (`enable_events`) turns them on, and
+    `worker.task_events = true` sends them from the start. Celery's
+    `worker_send_task_events` in the app's config used to win over the setting."""
 
     def one_task() -> None:
         assert client.submit("observe me", priority="P1").result(timeout=30).ok
 
-    quiet = start_worker(env={"SWARM_WORKER_TASK_EVENTS": "false"})
+    quiet = start_worker()
     assert _task_events_while(redis_conn, one_task) == []
+    replies = client.app.control.enable_events(reply=True, timeout=5)
+    assert [quiet.hostname] == [name for reply in replies for name in reply]
+    assert _task_events_while(redis_conn, one_task)
     quiet.stop()
-    start_worker()
-    assert _task_events_while(redis_conn, one_task)  # Flower's default view: events on
+    start_worker(env={"SWARM_WORKER_TASK_EVENTS": "true"})
+    assert _task_events_while(redis_conn, one_task)
