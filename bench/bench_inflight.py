@@ -4,12 +4,13 @@ One `swarm worker --role default` process (threads pool, `--concurrency C`), the
 provider at 10 s latency, a backlog of `--waves` x C tasks queued before the worker
 starts. With every thread waiting on the provider the ideal drain rate is C / 10 s; the
 measured rate is the backlog over the span from the first task start to the last task
-finish (from the stored results). The worker's RSS (VmRSS sampled every 0.25 s, and
+finish (from the stored results), which includes the cold start: the worker starting
+its first C tasks at once. "Steady" is the rate once C calls are in flight (see
+`one_run`), the figure a worker serving a steady stream sustains. The worker's RSS (VmRSS sampled every 0.25 s, and
 VmHWM, the kernel's peak) and thread count are read from /proc/<pid>/status.
 
-`llm.max_connections` (default 512) caps the worker's HTTP pool: at C above it, calls
-wait for a connection. The bench sets it to C unless `--default-pool` is given, and says
-which it used.
+`llm.max_connections` (default: one per pool thread) caps the worker's HTTP
+connections; `--max-connections N` sets it, to see calls wait for a connection.
 
     python bench/bench_inflight.py --concurrency 250 500 1000 --latency-ms 10000 --waves 3
 """
@@ -66,8 +67,8 @@ def one_run(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     llm: dict[str, Any] = {"base_url": llm_url, "timeout_s": args.latency_ms / 1000 + 60}
-    if not args.default_pool:
-        llm["max_connections"] = max(512, concurrency)
+    if args.max_connections is not None:
+        llm["max_connections"] = args.max_connections
     config = write_toml(
         workdir / f"swarm-{concurrency}.toml",
         {"redis_url": redis_url, "llm": llm, "roles": {"default": {"concurrency": concurrency}}},
@@ -105,6 +106,11 @@ def one_run(
     # At 0 ms nothing bounds the ideal: the rate is then all the CPU allows.
     ideal = concurrency / (args.latency_ms / 1000) if args.latency_ms > 0 else float("inf")
     runs = [r.timings.run_s for r in results]
+    starts = sorted(r.timings.started_at for r in results)
+    filled = starts[min(concurrency, count) - 1]
+    fill = (filled - starts[0]).total_seconds()
+    tail = (starts[-1] - filled).total_seconds()
+    steady = (count - concurrency) / tail if count > concurrency and tail > 0 else float("nan")
     return {
         "concurrency": concurrency,
         "tasks": count,
@@ -116,13 +122,21 @@ def one_run(
         "of_ideal": rate / ideal,
         "run_s_median": statistics.median(runs),
         "run_s_max": max(runs),
+        # How long the worker took to start its first C tasks (all queued before it
+        # started): CPU, each start's share of a task's work (bench/README.md).
+        "fill_s": fill,
+        # Once C calls are in flight: the tasks started from then to the last start,
+        # over that time. Every thread is busy throughout, so this is the rate the
+        # worker sustains with C calls in flight (Little's law: C / latency at best).
+        "steady_per_s": steady,
+        "steady_of_ideal": steady / ideal,
         "peak_rss_mb": watch.peak_rss_mb,
         "worker_cpu_s": watch.cpu_s,
         "cpu_ms_per_task": watch.cpu_s * 1000 / count,
         "worker_cpu_share": watch.cpu_s / span,
         "peak_threads": watch.peak_threads,
         "samples": watch.samples,
-        "max_connections": llm.get("max_connections", 512),
+        "max_connections": llm.get("max_connections", "one per thread"),
     }
 
 
@@ -133,7 +147,7 @@ def main() -> int:
     parser.add_argument("--waves", type=int, default=3, help="backlog = waves x concurrency")
     parser.add_argument("--timeout", type=float, default=600.0, help="per result, seconds")
     parser.add_argument(
-        "--default-pool", action="store_true", help="keep llm.max_connections at its default"
+        "--max-connections", type=int, help="set llm.max_connections (default: one per thread)"
     )
     parser.add_argument("--py-spy", type=Path, help="py-spy the worker into DIR (collapsed)")
     parser.add_argument("--py-spy-s", type=float, default=30.0, help="seconds of py-spy")
@@ -174,7 +188,9 @@ def main() -> int:
                 "tasks/s",
                 "ideal",
                 "of ideal",
+                "steady (of ideal)",
                 "task run p50 / max",
+                "first C started in",
                 "peak RSS",
                 "threads",
                 "worker CPU / task",
@@ -188,7 +204,9 @@ def main() -> int:
                     f"{r['tasks_per_s']:.1f}",
                     f"{r['ideal_per_s']:.0f}",
                     f"{r['of_ideal']:.0%}",
+                    f"{r['steady_per_s']:.1f} ({r['steady_of_ideal']:.0%})",
                     f"{r['run_s_median']:.1f} / {r['run_s_max']:.1f} s",
+                    f"{r['fill_s']:.1f} s",
                     f"{r['peak_rss_mb']:.0f} MB",
                     r["peak_threads"],
                     f"{r['cpu_ms_per_task']:.1f} ms",
