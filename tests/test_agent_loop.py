@@ -19,7 +19,7 @@ from openai.types.chat import ChatCompletionMessageFunctionToolCall
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 
 from swarm_workers.agent.budget import token_counter
-from swarm_workers.agent.clients import LLMClients
+from swarm_workers.agent.clients import LLMClient
 from swarm_workers.agent.loop import _run_tool_calls, initial_messages, run_agent
 from swarm_workers.config import (
     ModelLimit,
@@ -90,7 +90,7 @@ class LoopRuntime:
     settings: Settings
     tools: Toolset
     limiter: Limiter
-    llm: LLMClients
+    llm: LLMClient
 
 
 def _toolset() -> LocalToolset:
@@ -145,7 +145,7 @@ def _runtime(settings: Settings) -> LoopRuntime:
         settings=settings,
         tools=_toolset(),
         limiter=RecordingLimiter(),
-        llm=LLMClients(settings.llm, threads=1),
+        llm=LLMClient(settings.llm, threads=1),
     )
 
 
@@ -438,7 +438,7 @@ def test_a_bucket_wait_ends_at_the_task_deadline_not_at_max_wait(
 
     limiter = TokenBucketLimiter(redis_conn, limits, sleep=sleep)
     limiter.penalize(MODEL, 60.0)  # the provider said 429: every take waits a minute
-    runtime = LoopRuntime(settings, _toolset(), limiter, LLMClients(settings.llm, threads=1))
+    runtime = LoopRuntime(settings, _toolset(), limiter, LLMClient(settings.llm, threads=1))
     deadline = Deadline.start(1.0)
     started = time.monotonic()
     outcome = run_agent(_task("REPLY_LEN 3"), runtime, deadline)
@@ -466,7 +466,7 @@ def test_a_tool_that_outlives_the_deadline_is_not_waited_for_past_it(
     ).start()
     try:
         runtime = LoopRuntime(
-            settings, registry, RecordingLimiter(), LLMClients(settings.llm, threads=1)
+            settings, registry, RecordingLimiter(), LLMClient(settings.llm, threads=1)
         )
         deadline = Deadline.start(1.5)
         tool_s = 6.0
@@ -489,7 +489,7 @@ def test_the_toolset_alone_caps_output(fake: FakeLLM) -> None:
         return " ".join(["word"] * words)
 
     settings = _settings(fake, role={"tools": ["local__ramble"]})
-    runtime = LoopRuntime(settings, tools, RecordingLimiter(), LLMClients(settings.llm, threads=1))
+    runtime = LoopRuntime(settings, tools, RecordingLimiter(), LLMClient(settings.llm, threads=1))
     outcome = run_agent(_task('CALL local__ramble {"words": 5000}'), runtime)
     assert outcome.ok, outcome.error
     assert outcome.output is not None

@@ -1,4 +1,4 @@
-"""Chat-completions calls: one pooled client per process, our retry policy, error mapping.
+"""Chat-completions calls: the client, our retry policy, error mapping.
 
 The SDK's own retries are off (`max_retries=0`) so the policy here is the only one, and
 it sees every attempt: each attempt takes a reservation from the fleet's limiter first
@@ -29,7 +29,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -52,7 +51,7 @@ from swarm_workers.errors import (
 )
 from swarm_workers.metrics import LLM_429
 from swarm_workers.models import Priority
-from swarm_workers.ratelimit.limiter import Limiter, Reservation
+from swarm_workers.ratelimit.limiter import Limiter
 
 __all__ = [
     "ChatRequest",
@@ -74,22 +73,27 @@ _MAX_MESSAGE_CHARS = 500
 _KEYLIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{8,}")
 
 
-def build_llm_client(settings: LLMSettings) -> openai.OpenAI:
-    """The process's one client: pooled connections, explicit timeouts, no SDK retries.
+def build_llm_client(
+    settings: LLMSettings, transport: httpx2.BaseTransport | None = None
+) -> openai.OpenAI:
+    """A client with explicit timeouts and no SDK retries; pooled connections unless a
+    `transport` is given (the worker's: `clients.ThreadConnections`).
 
     >>> client = build_llm_client(LLMSettings(base_url="http://127.0.0.1:8400/v1"))
     """
     timeout = httpx2.Timeout(settings.timeout_s, connect=settings.connect_timeout_s)
-    limits = httpx2.Limits(
-        max_connections=settings.max_connections,
-        max_keepalive_connections=settings.max_connections,
-    )
+    if transport is not None:
+        http_client = openai.DefaultHttpxClient(timeout=timeout, transport=transport)
+    else:
+        connections = settings.max_connections or 64
+        limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
+        http_client = openai.DefaultHttpxClient(timeout=timeout, limits=limits)
     return openai.OpenAI(
         base_url=settings.base_url,
         api_key=settings.resolved_api_key(),
         timeout=timeout,
         max_retries=0,
-        http_client=openai.DefaultHttpxClient(timeout=timeout, limits=limits),
+        http_client=http_client,
     )
 
 
@@ -217,10 +221,14 @@ def complete(
     policy: RetryPolicy,
     redactor: Redactor,
     count_tokens: Callable[[str], int],
+    cut: Callable[[], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     rand: Callable[[], float] = random.random,
 ) -> Completion:
-    """Send `request`, retrying per `policy`; raise a `ProviderError` subclass on failure."""
+    """Send `request`, retrying per `policy`; raise a `ProviderError` subclass on failure.
+
+    `cut` (`clients.LLMClient.cutter`) ends this thread's call when the request's
+    deadline is stopped; without it a stopped task waits for the call to end."""
     reserve = request.prompt_tokens + request.max_tokens
     failure = "no attempt made"
     status: int | None = None
@@ -232,7 +240,7 @@ def complete(
         started = time.monotonic()
         hint: float | None = None
         try:
-            response = _abandonable(
+            response = _cuttable(
                 lambda: client.chat.completions.create(
                     model=request.model,
                     messages=request.messages,
@@ -242,9 +250,11 @@ def complete(
                     timeout=_capped(client.timeout, deadline) if deadline else openai.NOT_GIVEN,
                 ),
                 deadline,
-                reservation,
+                cut,
             )
-        except _Abandoned as exc:  # its reservation is settled when the call ends
+        except _Abandoned as exc:
+            # Cut mid-call: what the provider spent is unknown, so the reservation stands.
+            reservation.reconcile(reserve)
             raise exc.reason from None
         except openai.APIStatusError as exc:
             reservation.cancel()
@@ -302,52 +312,37 @@ class _Abandoned(Exception):
         self.reason = reason
 
 
-_CALLS: ThreadPoolExecutor | None = None
-_CALLS_LOCK = threading.Lock()
-
-
-def _calls() -> ThreadPoolExecutor:
-    """The threads model calls run on, so the task's thread can stop waiting for one.
-    Threads are made as calls need them and reused: as many as calls in flight."""
-    global _CALLS
-    with _CALLS_LOCK:
-        if _CALLS is None:
-            _CALLS = ThreadPoolExecutor(max_workers=8192, thread_name_prefix="swarm-llm")
-        return _CALLS
-
-
-def _abandonable(
-    call: Callable[[], ChatCompletion], deadline: Deadline | None, reservation: Reservation
+def _cuttable(
+    call: Callable[[], ChatCompletion], deadline: Deadline | None, cut: Callable[[], None] | None
 ) -> ChatCompletion:
-    """`call()`, abandoned the moment the task's deadline is stopped (cancelled, or its
-    lease lost): the task goes on at once while the call ends on its own, and what it
-    used is then reconciled with the bucket (or its reservation given back)."""
-    if deadline is None:
+    """`call()` on this thread, ended by `cut` the moment the task's deadline is stopped
+    (cancelled, or its lease lost): the task goes on at once. `cut` acts only while the
+    call runs; a stop during the call's connect, before its socket exists, lets the call
+    run to its time limit (capped by the deadline) and its answer is then dropped."""
+    if deadline is None or cut is None:
         return call()
-    future = _calls().submit(call)
-    ended = threading.Event()
-    future.add_done_callback(lambda _: ended.set())
-    deadline.on_stop(ended.set)
-    ended.wait()
-    if future.done():
-        return future.result()
-    future.add_done_callback(lambda done: _settle(done, reservation))
-    reason = deadline.stopped
-    assert reason is not None  # only a stop wakes us before the call ends
-    raise _Abandoned(reason)
+    lock = threading.Lock()
+    running = True
 
+    def stop() -> None:
+        with lock:
+            if running:
+                cut()
 
-def _settle(done: Future[ChatCompletion], reservation: Reservation) -> None:
-    """Reconcile an abandoned call's reservation once the call ends."""
+    deadline.on_stop(stop)
     try:
-        usage = done.result().usage
-    except BaseException:
-        reservation.cancel()
-        return
-    if usage is None:
-        reservation.cancel()
-    else:
-        reservation.reconcile(usage.prompt_tokens + usage.completion_tokens)
+        if deadline.stopped is None:
+            response = call()
+    except BaseException as exc:
+        if deadline.stopped is None:
+            raise
+        raise _Abandoned(deadline.stopped) from exc
+    finally:
+        with lock:
+            running = False
+    if deadline.stopped is not None:
+        raise _Abandoned(deadline.stopped)
+    return response
 
 
 def _capped(timeout: float | httpx2.Timeout | None, deadline: Deadline) -> httpx2.Timeout:

@@ -55,7 +55,7 @@ from swarm_workers.agent.budget import (
     token_counter,
 )
 from swarm_workers.agent.checkpoint import Checkpoint, CheckpointWriter
-from swarm_workers.agent.clients import LLMClients
+from swarm_workers.agent.clients import LLMClient
 from swarm_workers.agent.llm import ChatRequest, Completion, Redactor, RetryPolicy, complete
 from swarm_workers.config import RoleSettings, Settings
 from swarm_workers.deadline import Deadline
@@ -94,7 +94,7 @@ class AgentRuntime(Protocol):
     settings: Settings
     tools: Toolset
     limiter: Limiter
-    llm: LLMClients
+    llm: LLMClient
 
 
 @dataclass(frozen=True)
@@ -237,12 +237,13 @@ def run_agent(
                 deadline=deadline,
             )
             completion = complete(
-                runtime.llm.get(),
+                runtime.llm.openai,
                 request,
                 limiter=runtime.limiter,
                 policy=policy,
                 redactor=redactor,
                 count_tokens=counter.count,
+                cut=runtime.llm.cutter(),
             )
             steps += 1
             own_model_s += completion.latency_s

@@ -13,7 +13,7 @@ from typing import Protocol
 import redis
 
 from swarm_workers.agent.checkpoint import CheckpointStore
-from swarm_workers.agent.clients import LLMClients
+from swarm_workers.agent.clients import LLMClient
 from swarm_workers.config import Settings
 from swarm_workers.dag.prepare import PreparedDag
 from swarm_workers.deadletters import DeadLetterStore
@@ -49,7 +49,7 @@ class Runtime:
     redis: redis.Redis
     tools: Toolset
     limiter: Limiter
-    llm: LLMClients  # pooled chat-completions clients, one per group of threads
+    llm: LLMClient  # the chat-completions client; each pool thread its own connection
     results: ResultStore
     claims: Claims
     deadletters: DeadLetterStore
@@ -71,7 +71,7 @@ class Runtime:
             redis=client,
             tools=build_toolset(settings, client),
             limiter=build_limiter(settings, client),
-            llm=LLMClients(settings.llm, threads),
+            llm=LLMClient(settings.llm, threads),
             results=ResultStore.from_settings(settings, client),
             claims=Claims(
                 client,
