@@ -7,8 +7,10 @@ spawn n sub-tasks and then synthesise from their results.
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from swarm_workers.config import load_settings
 from swarm_workers.errors import SpawnRefused
 from swarm_workers.models import AgentTask, Priority, SubAgent, TaskResult, TaskState
 from swarm_workers.swarm import Spawner
+from swarm_workers.swarm.spawn import Waiting
 
 from .conftest import FakeLLM, WorkerFactory, spawn_fake_llm, wait_until
 
@@ -231,3 +234,42 @@ def test_a_worker_sigkilled_while_the_supervisor_waits_loses_nothing(
     assert (result.output or "").startswith("Synthesis: 1 round(s), 10 sub-agents, 10 succeeded")
     assert result.swarm is not None and all(a.status == "succeeded" for a in result.swarm.children)
     wait_until(lambda: redis_conn.hlen("unacked") == 0, 20, "every message acknowledged")
+
+
+def test_concurrent_spawns_in_one_tree_never_pass_its_limits(
+    redis_conn: redis.Redis, redis_url: str, swarm_config: Callable[..., Path]
+) -> None:
+    """The same call answered by racing deliveries draws once; supervisors of one tree
+    spawning at once share its total and budget exactly, never past them."""
+    config = swarm_config(roles=_roles(max_total=6, max_depth=2, tree_budget=6000))
+    spawner = Spawner(redis_conn, load_settings(config, redis_url=redis_url))
+    root = AgentTask(role="boss", priority=Priority.P1, prompt="x", output_budget=100)
+
+    def answer(task: AgentTask, call: str, n: int) -> bool:
+        raw = json.dumps({"tasks": [{"prompt": "y", "budget": 1000, "role": "summarize"}] * n})
+        try:
+            return isinstance(spawner.answer(task, call, raw), Waiting)
+        except SpawnRefused:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:  # one call, eight deliveries at once
+        assert all(pool.map(lambda _: answer(root, "call_1", 3), range(8)))
+    subs = [
+        AgentTask(
+            role="research",
+            priority=Priority.P1,
+            prompt="x",
+            output_budget=100,
+            metadata={"swarm_root": root.id, "swarm_parent": root.id, "swarm_depth": 1},
+        )
+        for _ in range(6)
+    ]
+    with ThreadPoolExecutor(12) as pool:  # six supervisors, each call delivered twice
+        drawn = list(pool.map(lambda i: answer(subs[i % 6], "call_2", 1), range(12)))
+    spawned = {t.id for t in subs if spawner.rounds(t.id)}
+    assert len(spawned) == 3  # 3 + 3 = the tree's 6; the others were refused
+    assert sum(drawn) == 6  # every delivery of an accepted call got its round
+    children = [c for t in (root, *subs) for r in spawner.rounds(t.id) for c in r.children]
+    assert len(children) == 6
+    totals = redis_conn.hgetall(spawner.keys.swarm_root(root.id))
+    assert int(totals[b"spawned"]) == 6 and int(totals[b"budget_left"]) == 0
