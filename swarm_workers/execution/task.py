@@ -155,6 +155,8 @@ def _dispatch(task: AgentTask, runtime: Runtime) -> None:
             continue
         if runtime.sender is None:
             raise RuntimeError("this process cannot send sub-agents (no broker sender)")
+        # Before any child can finish: its continuation takes this delivery's place.
+        spawner.hold(task.id, runtime.sender.position())
         runtime.sender.send_children(spawner.prepared(record.dag_id))
         spawner.mark(task.id, f"sent:{record.round}")
 
@@ -171,7 +173,11 @@ def _notify_parent(task: AgentTask, result: TaskResult, runtime: Runtime) -> Non
         return
     if runtime.sender is None:
         raise RuntimeError("this process cannot continue a supervisor (no broker sender)")
-    runtime.sender.send_continuation(checkpoint.task, f"{parent_id}.cont{number}")
+    position = runtime.spawner.position(parent_id)
+    # In a canvas the continuation is the task's own id, as `Task.replace` does, so a
+    # chord counts the task once however many deliveries it takes.
+    message_id = parent_id if position else f"{parent_id}.cont{number}"
+    runtime.sender.send_continuation(checkpoint.task, message_id, position)
     runtime.spawner.mark(parent_id, f"cont:{number}")
     log.info("task %s: last of round %d; supervisor %s continued", task.id, number, parent_id)
 

@@ -401,6 +401,16 @@ class Spawner:
     def mark(self, task_id: str, name: str) -> None:
         self.redis.hset(self.keys.spawn(task_id), name, 1)
 
+    def hold(self, task_id: str, position: str | None) -> None:
+        """Keep where the suspending delivery sat in its DAG's canvas (`Sender.position`),
+        for the continuation to take its place; nothing for a task outside a canvas."""
+        if position is not None:
+            self.redis.hset(self.keys.spawn(task_id), "canvas", position)
+
+    def position(self, task_id: str) -> str | None:
+        raw = self.redis.hget(self.keys.spawn(task_id), "canvas")
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
     def prepared(self, dag_id: str) -> PreparedDag:
         """A round's children as sent: rebuilt from the DAG store (the same every time)."""
         record = self.dags.record(dag_id)
