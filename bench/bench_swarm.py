@@ -85,7 +85,7 @@ def main() -> int:
                 while not stop.is_set():
                     tree = client.tree(handle.id)
                     if tree is not None and tree.total_agents == args.agents:
-                        if not waiting and client.status(handle.id).state is TaskState.QUEUED:
+                        if not waiting and client.status(handle.id).state is TaskState.WAITING:
                             waiting = True  # released: from here on it must hold nothing
                         if all(a.status in ("succeeded", "failed") for a in tree.children):
                             return

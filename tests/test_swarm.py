@@ -172,6 +172,34 @@ def test_a_sibling_waits_for_the_real_result_of_a_spawning_sub_agent(
     assert (result.output or "").startswith(f"Synthesis: 1 round(s), {n} sub-agents, {n} succeeded")
 
 
+def test_a_supervisor_waiting_on_its_children_reads_as_waiting(
+    fleet: Callable[..., SwarmClient], redis_url: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from swarm_workers.cli import app
+
+    client = fleet(roles=_roles(max_depth=2), concurrency=3)  # the grandchildren queue
+    handle = client.submit("SPAWN 2 roles=research | SPAWN 6 roles=summarize", role="boss")
+
+    def nested_wait() -> bool:
+        live = client.tree(handle.id)
+        return live is not None and any(a.status == "waiting" for a in live.children)
+
+    wait_until(nested_wait, 30, "a sub-agent waiting on sub-agents of its own")
+    assert client.task(handle.id).status().state is TaskState.WAITING
+    config = ["--config", str(tmp_path / "swarm.toml")]
+    env = {"REDIS_URL": redis_url, "COLUMNS": "400"}
+    shown = CliRunner().invoke(app, ["tree", handle.id, *config], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert f"{handle.id} waiting:" in shown.output  # the root, then a sub-agent
+    assert " waiting research r1" in shown.output
+    shown = CliRunner().invoke(app, ["task", handle.id, *config], env=env)
+    assert json.loads(shown.output)["state"] == "waiting"
+    assert handle.result(timeout=90).ok
+    assert client.status(handle.id).state is TaskState.SUCCEEDED
+
+
 def test_priority_is_inherited_and_never_raised(
     redis_conn: redis.Redis, redis_url: str, swarm_config: Callable[..., Path]
 ) -> None:
@@ -246,7 +274,7 @@ def test_a_worker_sigkilled_while_the_supervisor_waits_loses_nothing(
             (t := client.tree(handle.id)) is not None
             and any(a.status == "running" for a in t.children)
             # The supervisor holds no worker thread while it waits: no lease.
-            and client.status(handle.id).state is TaskState.QUEUED
+            and client.status(handle.id).state is TaskState.WAITING
         ),
         30,
         "sub-agents to run while the supervisor waits",
