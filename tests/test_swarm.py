@@ -239,7 +239,9 @@ def test_rounds_continue_the_same_supervisor(fleet: Callable[..., SwarmClient]) 
     assert result.steps == 3 and result.steps_resumed == 2
 
 
-def test_cancelling_the_root_cancels_the_tree(fleet: Callable[..., SwarmClient]) -> None:
+def test_cancelling_the_root_cancels_the_tree_and_records_what_it_spent(
+    fleet: Callable[..., SwarmClient],
+) -> None:
     client = fleet(concurrency=2)  # most sub-agents wait in their queue
     handle = client.submit("SPAWN 12 roles=research", role="boss")
     wait_until(
@@ -254,6 +256,14 @@ def test_cancelling_the_root_cancels_the_tree(fleet: Callable[..., SwarmClient])
     done = [client.result(child, timeout=30) for child in children]
     assert all(r.status in ("succeeded", "cancelled") for r in done)
     assert sum(r.status == "cancelled" for r in done) >= 6  # queued ones never ran
+    # The root's own turn (from its checkpoint) and its tree, cancelled children included.
+    assert result.steps == 1 and len(result.usage.calls) == 1
+    assert result.usage.completion_tokens > 0 and result.model is not None
+    assert result.error is not None and result.error.type == "TaskCancelled"
+    tree = result.swarm
+    assert tree is not None and tree.rounds == 1 and tree.total_agents == 12
+    assert [a.status for a in tree.children] == [r.status for r in done]
+    assert tree.completion_tokens == sum(r.usage.completion_tokens for r in done)
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import redis
 from pydantic import ValidationError
 
+from swarm_workers.agent.budget import cost_usd
 from swarm_workers.agent.loop import run_agent
 from swarm_workers.deadletters import DeadLetter, is_dead
 from swarm_workers.deadline import Deadline
@@ -45,7 +46,7 @@ from swarm_workers.execution.failpoints import check_failpoints
 from swarm_workers.execution.isolation import RunCrashed, RunDeferred, run_isolated
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.metrics import DEAD_LETTERS, observe_result
-from swarm_workers.models import AgentTask, SwarmTree, TaskResult, Timings, utcnow
+from swarm_workers.models import AgentTask, ErrorInfo, SwarmTree, TaskResult, Timings, utcnow
 from swarm_workers.swarm import Lineage
 from swarm_workers.swarm.tree import build_tree
 
@@ -205,8 +206,8 @@ def _claim(task: AgentTask, runtime: Runtime, deadline: Deadline) -> Claim | Tas
             log.info("task %s: already recorded, returning the stored result", task.id)
             return begun.result
         if begun.kind == "cancelled":
-            log.info("task %s: cancelled before it ran", task.id)
-            unrun = TaskResult.cancelled_before_run(task, worker=runtime.worker_name)
+            log.info("task %s: cancelled before this delivery ran", task.id)
+            unrun = _cancelled(task, runtime)
             return _with_retries(partial(runtime.claims.record, unrun), runtime)
         if begun.claim is not None:
             return begun.claim
@@ -215,6 +216,35 @@ def _claim(task: AgentTask, runtime: Runtime, deadline: Deadline) -> Claim | Tas
         if deadline.expired():
             raise Requeue(f"task {task.id}: a twin delivery still holds its lease")
         deadline.sleep(min(0.5, max(0.05, begun.busy_for_s)))
+
+
+def _cancelled(task: AgentTask, runtime: Runtime) -> TaskResult:
+    """The outcome of a task cancelled between deliveries. One that ran before (a
+    supervisor cancelled while it waited) reports what its checkpoint says it spent, and
+    its tree, cancelled sub-agents included; else nothing was spent."""
+    unrun = TaskResult.cancelled_before_run(task, worker=runtime.worker_name)
+    state = runtime.checkpoints.load(task.id)
+    if state is None:
+        return unrun
+    model = runtime.settings.model_for(task.role)
+    usage = state.usage
+    return unrun.model_copy(
+        update={
+            "error": ErrorInfo(
+                type="TaskCancelled", message=f"cancelled after {state.steps} step(s)"
+            ),
+            "model": model,
+            "steps": state.steps,
+            "steps_resumed": state.steps,
+            "usage": usage,
+            "tool_calls": state.tools,
+            "cost_usd": cost_usd(
+                runtime.settings.llm.prices, model, usage.prompt_tokens, usage.completion_tokens
+            ),
+            "timings": _timings(task, state.started_at),
+            "swarm": _tree(task, state.started_at, state.own_model_s, runtime),
+        }
+    )
 
 
 def _run(
