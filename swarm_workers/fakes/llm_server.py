@@ -27,6 +27,9 @@ Directives, read from the LAST user message; its "turn" is every message after i
                             made again with the given arguments
     REPLY_LEN n             a text reply of exactly n tokens (final answers are padded to n;
                             n <= 200000); for budget stops
+    TURNS k                 with CALL directives: make the calls again in each of k
+                            assistant turns (each answered by its tool messages) before the
+                            final text, so one task makes k + 1 model calls (default 1)
     SPAWN n roles=a,b [rounds=k] [fail=i,j] [deps=i:j+k,...] [| text]
                             a supervisor: call ``swarm__spawn`` with n sub-tasks, role i
                             cycling over the roles, prompt "sub-task i of n (round r)"
@@ -47,6 +50,7 @@ Rules (SPAWN and REJECT apart), first match wins (``tool_choice: "none"`` disabl
     2. no assistant ``tool_calls`` in the turn yet -> ``tool_calls`` for every directive,
        ids ``call_<hash>`` derived from the conversation, ``finish_reason="tool_calls"``
     3. exactly one such message so far and some CALL_BAD -> the corrected calls only
+    3b. fewer such messages than TURNS -> the calls again (new ids)
     4. otherwise -> "Tool results: name: content | ..." from the answers to well-formed calls
 As OpenAI does, an assistant ``tool_calls`` message must be followed by a tool message for
 each id, and a tool message must answer one; otherwise 400.
@@ -265,6 +269,7 @@ _SPAWN = re.compile(
 )
 _REJECT = re.compile(r"\bREJECT\b")
 _ECHO = re.compile(r"\bECHO\b")
+_TURNS = re.compile(r"\bTURNS\s+(\d+)")
 SPAWN_TOOL = "swarm__spawn"
 _MAX_REPLY = 200_000  # tokens; REPLY_LEN is clamped so one request cannot eat the memory
 _PROSE = (
@@ -470,6 +475,8 @@ def compose_reply(request: ChatRequest, config: FakeLLMConfig) -> Reply:
         return _calls_reply(directives, digest, first=True)
     if rounds == 1 and any(d.malformed for d in directives):
         return _calls_reply([d for d in directives if d.malformed], digest, first=False)
+    if (turns := _TURNS.search(said)) is not None and rounds < int(turns[1]):
+        return _calls_reply(directives, digest, first=False)
     names = {
         c.id: c.function.name
         for m in turn
