@@ -2,7 +2,10 @@
 
 Both tasks ignore their Celery result: the outcome is stored once, in the result
 store, before the body returns, and the body returns a pointer of a few bytes (task
-id and status) which is all a chord counts and all Flower shows.
+id and status) which is all a chord counts and all Flower shows. A supervisor that
+suspends to wait for its sub-agents records nothing and raises `Ignore`: acknowledged,
+but not done, so no chord counts it and no chain goes on until its continuation (sent
+in its place, `CelerySender`) records.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import redis
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
+from swarm_workers.dag.model import Node
 from swarm_workers.errors import SpawnRefused
 from swarm_workers.models import AgentTask, Priority, SubAgent, TaskResult, TaskState
 from swarm_workers.swarm import Spawner
@@ -198,6 +199,29 @@ def test_a_supervisor_waiting_on_its_children_reads_as_waiting(
     assert json.loads(shown.output)["state"] == "waiting"
     assert handle.result(timeout=90).ok
     assert client.status(handle.id).state is TaskState.SUCCEEDED
+
+
+def test_a_producer_dag_node_that_spawns_runs_until_it_records(
+    fleet: Callable[..., SwarmClient],
+) -> None:
+    """The same holds for a DAG a producer submitted: its dependant waits for the
+    supervisor node's real result, and the node shows as running while it waits."""
+    client = fleet()
+    dag = client.submit_dag(
+        [
+            Node("lead", "SPAWN 6 roles=summarize", role="boss"),
+            Node("after", "ECHO {{ lead.output }}", role="summarize", deps=["lead"]),
+        ]
+    )
+    lead = dag.task_id("lead")
+    wait_until(lambda: client.status(lead).state is TaskState.WAITING, 30, "lead to wait")
+    nodes = dag.status().nodes
+    assert nodes["lead"].state == "running" and nodes["after"].state == "pending"
+    final = dag.wait(timeout=90)
+    assert final.ok, final
+    spawned = dag.result("lead").output or ""
+    assert spawned.startswith("Synthesis: 1 round(s), 6 sub-agents, 6 succeeded")
+    assert spawned in (dag.result("after").output or "")
 
 
 def test_priority_is_inherited_and_never_raised(
