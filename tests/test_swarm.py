@@ -361,3 +361,23 @@ def test_concurrent_spawns_in_one_tree_never_pass_its_limits(
     assert len(children) == 6
     totals = redis_conn.hgetall(spawner.keys.swarm_root(root.id))
     assert int(totals[b"spawned"]) == 6 and int(totals[b"budget_left"]) == 0
+
+
+def test_a_sub_supervisor_draws_from_the_roots_tree_budget_whatever_its_role_says(
+    redis_conn: redis.Redis, redis_url: str, swarm_config: Callable[..., Path]
+) -> None:
+    roles = _roles(max_depth=2, tree_budget=1500)
+    roles["research"]["spawn"] = {"max_depth": 2}  # no tree budget of its own
+    spawner = Spawner(redis_conn, load_settings(swarm_config(roles=roles), redis_url=redis_url))
+    root = AgentTask(role="boss", priority=Priority.P1, prompt="x", output_budget=100)
+    sub = AgentTask(
+        role="research",
+        priority=Priority.P1,
+        prompt="x",
+        output_budget=100,
+        metadata={"swarm_root": root.id, "swarm_parent": root.id, "swarm_depth": 1},
+    )
+    one = json.dumps({"tasks": [{"prompt": "y", "budget": 1000, "role": "summarize"}]})
+    assert isinstance(spawner.answer(root, "call_1", one), Waiting)
+    with pytest.raises(SpawnRefused, match="tree budget"):
+        spawner.answer(sub, "call_2", one)  # 500 left of the root's 1500

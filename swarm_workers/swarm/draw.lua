@@ -4,8 +4,8 @@
 -- tree, however concurrent, passes the tree's limits.
 --
 -- KEYS[1] totals hash  <prefix>:swarm:{<root id>}
---   fields: spawned, budget_left, max_total (the first draw's: the root's limit),
---   drawn:<dag id> (one per call drawn)
+--   fields: spawned, budget_left (from the first draw with a budget: the root's),
+--   max_total (the first draw's: the root's limit), drawn:<dag id> (one per call drawn)
 --
 -- ARGV[1] "draw": ARGV[2] the call's dag id  ARGV[3] sub-agents  ARGV[4] max total
 --   ARGV[5] tokens  ARGV[6] tree budget (-1: none)  ARGV[7] ttl (s)
@@ -34,9 +34,11 @@ local spawned = tonumber(redis.call('HGET', KEYS[1], 'spawned') or '0')
 if spawned + n > limit then
   return {0, spawned, limit}
 end
-local budget = tonumber(ARGV[6])
-if budget >= 0 then
-  local left = tonumber(redis.call('HGET', KEYS[1], 'budget_left') or ARGV[6])
+-- A tree with a budget (the root's) charges every spawn in it, whatever the spawning
+-- role's own settings say.
+local left = redis.call('HGET', KEYS[1], 'budget_left')
+if left or tonumber(ARGV[6]) >= 0 then
+  left = tonumber(left or ARGV[6])
   if tonumber(ARGV[5]) > left then
     return {-1, left}
   end

@@ -15,7 +15,8 @@ sub-agents per call, in the root's whole tree, depth (sub-agents that may spawn)
 token budget for the whole tree that each child's output budget is drawn from (what it
 did not spend is given back when it records). The tree's total and budget are checked
 and drawn in one script, once per call (racing deliveries of one call draw once), against
-the root's limit. Priority is inherited; it may be lowered, never raised.
+the root's limit and budget (a sub-supervisor's role cannot widen them). Priority is
+inherited; it may be lowered, never raised.
 
 Redis (names in `keys`): the supervisor's ledger `<p>:spawn:{<id>}` (`ledger.lua`: its
 rounds, the children each waits on, whether the continuation was sent) and the root's
@@ -255,7 +256,7 @@ class Spawner:
         if drawn == -1:
             raise SpawnRefused(
                 f"tree budget: these sub-agents' budgets total {tokens} output tokens but "
-                f"only {value} are left of the tree's {budget}; ask for fewer or smaller"
+                f"only {value} are left of the tree's budget; ask for fewer or smaller"
             )
         self.dags.save(prepared.record, prepared.tasks)
         children = tuple(
