@@ -148,26 +148,33 @@ def test_depth_limit_and_a_deeper_tree(fleet: Callable[..., SwarmClient]) -> Non
 
 
 @pytest.mark.parametrize(
-    "shape",
-    ["SPAWN 2 roles=research,summarize deps=2:1", "SPAWN 3 roles=research,summarize deps=3:1+2"],
-    ids=["chain", "chord"],
+    ("shape", "rounds"),
+    [
+        ("SPAWN 2 roles=research,summarize deps=2:1", 1),
+        ("SPAWN 3 roles=research,summarize deps=3:1+2", 1),
+        ("SPAWN 2 roles=research,summarize deps=2:1", 2),
+    ],
+    ids=["chain", "chord", "chain-two-rounds"],
 )
 def test_a_sibling_waits_for_the_real_result_of_a_spawning_sub_agent(
-    fleet: Callable[..., SwarmClient], shape: str
+    fleet: Callable[..., SwarmClient], shape: str, rounds: int
 ) -> None:
-    """c1 spawns (depth 2) and suspends; its dependant starts only once c1 recorded, and
-    reads c1's synthesis, not the suspension."""
+    """c1 spawns (depth 2) and suspends, once or per round; its dependant starts only
+    once c1 recorded, and reads c1's synthesis, not the suspension."""
     client = fleet(roles=_roles(max_depth=2))
     n = int(shape.split()[1])
-    result = client.submit(f"{shape} | SPAWN 2 roles=summarize", role="boss").result(timeout=90)
+    prompt = f"{shape} | SPAWN 2 roles=summarize rounds={rounds}"
+    result = client.submit(prompt, role="boss").result(timeout=90)
     assert result.ok, result.error
     assert result.swarm is not None
     by_node = {a.task_id.rsplit(".", 1)[1]: a for a in result.swarm.children}
-    assert by_node["c1"].status == "succeeded" and len(by_node["c1"].children) == 2
+    assert by_node["c1"].status == "succeeded" and len(by_node["c1"].children) == 2 * rounds
     spawning = client.result(by_node["c1"].task_id, timeout=5)
     dependant = client.result(by_node[f"c{n}"].task_id, timeout=5)
     assert dependant.ok, dependant.error
-    assert (spawning.output or "").startswith("Synthesis: 1 round(s), 2 sub-agents, 2 succeeded")
+    assert (spawning.output or "").startswith(
+        f"Synthesis: {rounds} round(s), {2 * rounds} sub-agents, {2 * rounds} succeeded"
+    )
     assert spawning.output in (dependant.output or "")  # its prompt quoted the real output
     assert dependant.timings.started_at >= spawning.timings.finished_at
     assert (result.output or "").startswith(f"Synthesis: 1 round(s), {n} sub-agents, {n} succeeded")
