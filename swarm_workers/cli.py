@@ -231,9 +231,12 @@ def tree(
 
     def add(branch: Tree, agents: tuple[SubAgent, ...]) -> None:
         for agent in agents:
-            colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(
-                agent.status, "cyan"
-            )
+            colour = {
+                "succeeded": "green",
+                "failed": "red",
+                "cancelled": "yellow",
+                "waiting": "magenta",
+            }.get(agent.status, "cyan")
             run = f"{agent.run_s:.2f}s" if agent.run_s is not None else "-"
             label = (
                 f"{agent.task_id} [{colour}]{agent.status}[/{colour}] {agent.role} r{agent.round}"

@@ -302,7 +302,8 @@ class SwarmClient:
         return self.results.wait(task_id, timeout=timeout)
 
     def status(self, task_id: str) -> TaskStatus:
-        """queued, running, succeeded, failed or cancelled (with the result once recorded)."""
+        """queued, running, waiting (a supervisor whose sub-agents run), succeeded, failed or
+        cancelled (with the result once recorded)."""
         return self.results.status(task_id)
 
     def cancel(self, task_id: str) -> CancelReport:

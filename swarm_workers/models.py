@@ -285,7 +285,7 @@ class SubAgent(BaseModel):
     parent: str
     round: int
     depth: int
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["queued", "running", "waiting", "succeeded", "failed", "cancelled"]
     error: ErrorInfo | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -420,6 +420,7 @@ class TaskState(StrEnum):
 
     QUEUED = "queued"  # also the answer for an id nobody has recorded (yet)
     RUNNING = "running"
+    WAITING = "waiting"  # a supervisor between runs: its sub-agents run, it holds no thread
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"

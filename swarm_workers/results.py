@@ -6,9 +6,10 @@ kept for `limits.result_ttl_s`. Celery keeps no copy: the task bodies return a f
 bytes (`pointer`) with `ignore_result`, which is all a chord counts.
 
 Where a task is (`status`) is read from the fleet's own keys, in one round trip:
-a stored result means succeeded or failed, a held lease means running, anything else
-queued (an id nobody has recorded yet reads as queued too). A recorded result is
-succeeded, failed or cancelled: `TaskState.of(result)` is the one map.
+a stored result means succeeded, failed or cancelled, a held lease means running, an
+open spawn round (a supervisor's ledger, between its runs) means waiting for its
+sub-agents, anything else queued (an id nobody has recorded yet reads as queued too).
+A recorded result's state is `TaskState.of(result)`: the one map.
 
 Waiting polls the key instead of subscribing: a pub/sub notice is lost with its
 connection (a Redis restart, a dropped socket), a stored key is not, so a waiter finds
@@ -108,14 +109,22 @@ class ResultStore:
         pipe.mget([self.keys.result(t) for t in task_ids])
         for task_id in task_ids:
             pipe.exists(self.keys.lease(task_id))
-        raws, *leases = pipe.execute()
+            pipe.hexists(self.keys.spawn(task_id), "waiting")
+        raws, *flags = pipe.execute()
         found: list[TaskStatus] = []
-        for task_id, raw, leased in zip(task_ids, raws, leases, strict=True):
+        for i, (task_id, raw) in enumerate(zip(task_ids, raws, strict=True)):
+            leased, waiting = flags[2 * i], flags[2 * i + 1]
             if raw is not None:
                 result = TaskResult.model_validate_json(raw)
                 found.append(TaskStatus(task_id=task_id, state=TaskState.of(result), result=result))
             else:
-                state = TaskState.RUNNING if leased else TaskState.QUEUED
+                state = (
+                    TaskState.RUNNING
+                    if leased
+                    else TaskState.WAITING
+                    if waiting
+                    else TaskState.QUEUED
+                )
                 found.append(TaskStatus(task_id=task_id, state=state))
         return found
 

@@ -2,7 +2,10 @@
 
 Both tasks ignore their Celery result: the outcome is stored once, in the result
 store, before the body returns, and the body returns a pointer of a few bytes (task
-id and status) which is all a chord counts and all Flower shows.
+id and status) which is all a chord counts and all Flower shows. A supervisor that
+suspends to wait for its sub-agents records nothing and raises `Ignore`: acknowledged,
+but not done, so no chord counts it and no chain goes on until its continuation (sent
+in its place, `CelerySender`) records.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
+from kombu.utils import json
 
 from swarm_workers.dag.canvas import send_dag
 from swarm_workers.dag.prepare import PreparedDag
@@ -65,7 +69,32 @@ class CelerySender:
     def send_children(self, dag: PreparedDag) -> None:
         send_dag(self.app, dag)
 
-    def send_continuation(self, task: AgentTask, message_id: str) -> None:
+    def position(self) -> str | None:
+        """The canvas options of the delivery running in this thread (Celery's request is
+        per thread): its chord, group, chain and links, as JSON; None outside a canvas."""
+        current = self.app.current_task
+        request = current.request if current is not None else None
+        if request is None or not (
+            request.chord or request.group or request.chain or request.callbacks
+        ):
+            return None
+        return str(
+            json.dumps(
+                {
+                    "chord": request.chord,
+                    "group_id": request.group,
+                    "group_index": request.group_index,
+                    "chain": request.chain,
+                    "link": request.callbacks,
+                    "link_error": request.errbacks,
+                    "root_id": request.root_id,
+                }
+            )
+        )
+
+    def send_continuation(self, task: AgentTask, message_id: str, position: str | None) -> None:
+        """In the suspended delivery's place (`position`), as `Task.replace` would: its
+        chord counts this delivery, its chain goes on after it."""
         self.app.send_task(
             RUN_AGENT,
             args=[task.to_wire()],
@@ -74,6 +103,7 @@ class CelerySender:
             argsrepr=task.redacted(),
             kwargsrepr="{}",
             ignore_result=True,
+            **(json.loads(position) if position else {}),
         )
 
 
@@ -82,8 +112,9 @@ def _recorded(run: Callable[[], TaskResult], runtime: Runtime, task_id: str) -> 
     try:
         return pointer(run(), redact=redact)
     except Suspended as exc:
-        # Waiting for sub-agents: acknowledged now; the last child sends a continuation.
-        return {"task_id": exc.task_id, "status": "waiting"}
+        # Waiting for sub-agents: acknowledged now, and not done: a chord does not count
+        # it, a chain does not go on. The last child sends a continuation in its place.
+        raise Ignore(str(exc)) from exc
     except redis.RedisError as exc:
         # Redis is the broker too: put the message back rather than record a failure
         # for a task that never had its chance.

@@ -97,3 +97,47 @@ def test_a_worker_killed_mid_loop_resumes_without_paying_again(
     assert slow_llm.stats()["completions"] == result.steps + in_flight
     left = sorted(k.decode() for k in redis_conn.scan_iter(match=f"*{{{handle.id}}}*"))
     assert left == [f"swarm:result:{{{handle.id}}}"]  # the checkpoint went with the outcome
+
+
+@pytest.mark.slow
+def test_a_supervisor_cut_short_once_spawns_waits_and_continues_in_isolation(
+    redis_url: str,
+    swarm_config: Callable[..., Path],
+    slow_llm: FakeLLM,
+    start_worker: WorkerFactory,
+    redis_conn: redis.Redis,
+) -> None:
+    """Its worker SIGKILLed during its first model call, the supervisor is a suspect: its
+    redelivery and its continuation both run in isolated children (run 2), which spawn,
+    suspend and resume from the checkpoint like any run."""
+    config = swarm_config(
+        roles={"boss": {"concurrency": 2, "spawn": True}, "research": {"concurrency": 4}},
+        worker=WORKER,
+    )
+    start_worker.env["SWARM_LLM_BASE_URL"] = slow_llm.base_url
+    settings = load_settings(config, redis_url=redis_url)
+    assert settings.worker.isolate_suspects
+    with SwarmClient(settings=settings) as client:
+        doomed = start_worker(("boss", "research"), config=config, concurrency=4)
+        handle = client.submit("SPAWN 3 roles=research", role="boss", priority="P1")
+        wait_until(lambda: slow_llm.stats()["in_flight"] == 1, 30, "the supervisor's first call")
+        doomed.signal(signal.SIGKILL)
+        assert doomed.wait(10) == -signal.SIGKILL
+        in_flight = slow_llm.stats()["in_flight"]  # a call the dead worker never read
+
+        second = start_worker(("boss", "research"), config=config, concurrency=4)
+        result = handle.result(timeout=90)
+    assert result.ok, result.error
+    assert (result.output or "").startswith("Synthesis: 1 round(s), 3 sub-agents, 3 succeeded")
+    assert result.attempts == 2  # the continuation was a suspect too: isolated
+    assert result.steps == 2 and result.steps_resumed == 1
+    assert result.swarm is not None and result.swarm.total_agents == 3
+    assert all(a.status == "succeeded" for a in result.swarm.children)
+    # The supervisor's two turns and each sub-agent's one, once (plus the call cut off).
+    assert slow_llm.stats()["completions"] == 2 + 3 + in_flight
+    runs = [
+        line for line in second.output().splitlines() if f"start AgentTask(id={handle.id}," in line
+    ]
+    assert len(runs) == 2 and all("run=2" in line for line in runs), runs
+    left = sorted(k.decode() for k in redis_conn.scan_iter(match=f"*{{{handle.id}}}*"))
+    assert left == [f"swarm:result:{{{handle.id}}}"]

@@ -7,8 +7,10 @@ spawn n sub-tasks and then synthesise from their results.
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,11 @@ import redis
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.config import load_settings
+from swarm_workers.dag.model import Node
 from swarm_workers.errors import SpawnRefused
 from swarm_workers.models import AgentTask, Priority, SubAgent, TaskResult, TaskState
 from swarm_workers.swarm import Spawner
+from swarm_workers.swarm.spawn import Waiting
 
 from .conftest import FakeLLM, WorkerFactory, spawn_fake_llm, wait_until
 
@@ -143,6 +147,90 @@ def test_depth_limit_and_a_deeper_tree(fleet: Callable[..., SwarmClient]) -> Non
     )
 
 
+@pytest.mark.parametrize(
+    ("shape", "rounds"),
+    [
+        ("SPAWN 2 roles=research,summarize deps=2:1", 1),
+        ("SPAWN 3 roles=research,summarize deps=3:1+2", 1),
+        ("SPAWN 2 roles=research,summarize deps=2:1", 2),
+    ],
+    ids=["chain", "chord", "chain-two-rounds"],
+)
+def test_a_sibling_waits_for_the_real_result_of_a_spawning_sub_agent(
+    fleet: Callable[..., SwarmClient], shape: str, rounds: int
+) -> None:
+    """c1 spawns (depth 2) and suspends, once or per round; its dependant starts only
+    once c1 recorded, and reads c1's synthesis, not the suspension."""
+    client = fleet(roles=_roles(max_depth=2))
+    n = int(shape.split()[1])
+    prompt = f"{shape} | SPAWN 2 roles=summarize rounds={rounds}"
+    result = client.submit(prompt, role="boss").result(timeout=90)
+    assert result.ok, result.error
+    assert result.swarm is not None
+    by_node = {a.task_id.rsplit(".", 1)[1]: a for a in result.swarm.children}
+    assert by_node["c1"].status == "succeeded" and len(by_node["c1"].children) == 2 * rounds
+    spawning = client.result(by_node["c1"].task_id, timeout=5)
+    dependant = client.result(by_node[f"c{n}"].task_id, timeout=5)
+    assert dependant.ok, dependant.error
+    assert (spawning.output or "").startswith(
+        f"Synthesis: {rounds} round(s), {2 * rounds} sub-agents, {2 * rounds} succeeded"
+    )
+    assert spawning.output in (dependant.output or "")  # its prompt quoted the real output
+    assert dependant.timings.started_at >= spawning.timings.finished_at
+    assert (result.output or "").startswith(f"Synthesis: 1 round(s), {n} sub-agents, {n} succeeded")
+
+
+def test_a_supervisor_waiting_on_its_children_reads_as_waiting(
+    fleet: Callable[..., SwarmClient], redis_url: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from swarm_workers.cli import app
+
+    client = fleet(roles=_roles(max_depth=2), concurrency=3)  # the grandchildren queue
+    handle = client.submit("SPAWN 2 roles=research | SPAWN 6 roles=summarize", role="boss")
+
+    def nested_wait() -> bool:
+        live = client.tree(handle.id)
+        return live is not None and any(a.status == "waiting" for a in live.children)
+
+    wait_until(nested_wait, 30, "a sub-agent waiting on sub-agents of its own")
+    assert client.task(handle.id).status().state is TaskState.WAITING
+    config = ["--config", str(tmp_path / "swarm.toml")]
+    env = {"REDIS_URL": redis_url, "COLUMNS": "400"}
+    shown = CliRunner().invoke(app, ["tree", handle.id, *config], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert f"{handle.id} waiting:" in shown.output  # the root, then a sub-agent
+    assert " waiting research r1" in shown.output
+    shown = CliRunner().invoke(app, ["task", handle.id, *config], env=env)
+    assert json.loads(shown.output)["state"] == "waiting"
+    assert handle.result(timeout=90).ok
+    assert client.status(handle.id).state is TaskState.SUCCEEDED
+
+
+def test_a_producer_dag_node_that_spawns_runs_until_it_records(
+    fleet: Callable[..., SwarmClient],
+) -> None:
+    """The same holds for a DAG a producer submitted: its dependant waits for the
+    supervisor node's real result, and the node shows as running while it waits."""
+    client = fleet()
+    dag = client.submit_dag(
+        [
+            Node("lead", "SPAWN 6 roles=summarize", role="boss"),
+            Node("after", "ECHO {{ lead.output }}", role="summarize", deps=["lead"]),
+        ]
+    )
+    lead = dag.task_id("lead")
+    wait_until(lambda: client.status(lead).state is TaskState.WAITING, 30, "lead to wait")
+    nodes = dag.status().nodes
+    assert nodes["lead"].state == "running" and nodes["after"].state == "pending"
+    final = dag.wait(timeout=90)
+    assert final.ok, final
+    spawned = dag.result("lead").output or ""
+    assert spawned.startswith("Synthesis: 1 round(s), 6 sub-agents, 6 succeeded")
+    assert spawned in (dag.result("after").output or "")
+
+
 def test_priority_is_inherited_and_never_raised(
     redis_conn: redis.Redis, redis_url: str, swarm_config: Callable[..., Path]
 ) -> None:
@@ -182,7 +270,9 @@ def test_rounds_continue_the_same_supervisor(fleet: Callable[..., SwarmClient]) 
     assert result.steps == 3 and result.steps_resumed == 2
 
 
-def test_cancelling_the_root_cancels_the_tree(fleet: Callable[..., SwarmClient]) -> None:
+def test_cancelling_the_root_cancels_the_tree_and_records_what_it_spent(
+    fleet: Callable[..., SwarmClient],
+) -> None:
     client = fleet(concurrency=2)  # most sub-agents wait in their queue
     handle = client.submit("SPAWN 12 roles=research", role="boss")
     wait_until(
@@ -197,6 +287,14 @@ def test_cancelling_the_root_cancels_the_tree(fleet: Callable[..., SwarmClient])
     done = [client.result(child, timeout=30) for child in children]
     assert all(r.status in ("succeeded", "cancelled") for r in done)
     assert sum(r.status == "cancelled" for r in done) >= 6  # queued ones never ran
+    # The root's own turn (from its checkpoint) and its tree, cancelled children included.
+    assert result.steps == 1 and len(result.usage.calls) == 1
+    assert result.usage.completion_tokens > 0 and result.model is not None
+    assert result.error is not None and result.error.type == "TaskCancelled"
+    tree = result.swarm
+    assert tree is not None and tree.rounds == 1 and tree.total_agents == 12
+    assert [a.status for a in tree.children] == [r.status for r in done]
+    assert tree.completion_tokens == sum(r.usage.completion_tokens for r in done)
 
 
 @pytest.mark.slow
@@ -217,7 +315,7 @@ def test_a_worker_sigkilled_while_the_supervisor_waits_loses_nothing(
             (t := client.tree(handle.id)) is not None
             and any(a.status == "running" for a in t.children)
             # The supervisor holds no worker thread while it waits: no lease.
-            and client.status(handle.id).state is TaskState.QUEUED
+            and client.status(handle.id).state is TaskState.WAITING
         ),
         30,
         "sub-agents to run while the supervisor waits",
@@ -231,3 +329,62 @@ def test_a_worker_sigkilled_while_the_supervisor_waits_loses_nothing(
     assert (result.output or "").startswith("Synthesis: 1 round(s), 10 sub-agents, 10 succeeded")
     assert result.swarm is not None and all(a.status == "succeeded" for a in result.swarm.children)
     wait_until(lambda: redis_conn.hlen("unacked") == 0, 20, "every message acknowledged")
+
+
+def test_concurrent_spawns_in_one_tree_never_pass_its_limits(
+    redis_conn: redis.Redis, redis_url: str, swarm_config: Callable[..., Path]
+) -> None:
+    """The same call answered by racing deliveries draws once; supervisors of one tree
+    spawning at once share its total and budget exactly, never past them."""
+    config = swarm_config(roles=_roles(max_total=6, max_depth=2, tree_budget=6000))
+    spawner = Spawner(redis_conn, load_settings(config, redis_url=redis_url))
+    root = AgentTask(role="boss", priority=Priority.P1, prompt="x", output_budget=100)
+
+    def answer(task: AgentTask, call: str, n: int) -> bool:
+        raw = json.dumps({"tasks": [{"prompt": "y", "budget": 1000, "role": "summarize"}] * n})
+        try:
+            return isinstance(spawner.answer(task, call, raw), Waiting)
+        except SpawnRefused:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:  # one call, eight deliveries at once
+        assert all(pool.map(lambda _: answer(root, "call_1", 3), range(8)))
+    subs = [
+        AgentTask(
+            role="research",
+            priority=Priority.P1,
+            prompt="x",
+            output_budget=100,
+            metadata={"swarm_root": root.id, "swarm_parent": root.id, "swarm_depth": 1},
+        )
+        for _ in range(6)
+    ]
+    with ThreadPoolExecutor(12) as pool:  # six supervisors, each call delivered twice
+        drawn = list(pool.map(lambda i: answer(subs[i % 6], "call_2", 1), range(12)))
+    spawned = {t.id for t in subs if spawner.rounds(t.id)}
+    assert len(spawned) == 3  # 3 + 3 = the tree's 6; the others were refused
+    assert sum(drawn) == 6  # every delivery of an accepted call got its round
+    children = [c for t in (root, *subs) for r in spawner.rounds(t.id) for c in r.children]
+    assert len(children) == 6
+    totals = redis_conn.hgetall(spawner.keys.swarm_root(root.id))
+    assert int(totals[b"spawned"]) == 6 and int(totals[b"budget_left"]) == 0
+
+
+def test_a_sub_supervisor_draws_from_the_roots_tree_budget_whatever_its_role_says(
+    redis_conn: redis.Redis, redis_url: str, swarm_config: Callable[..., Path]
+) -> None:
+    roles = _roles(max_depth=2, tree_budget=1500)
+    roles["research"]["spawn"] = {"max_depth": 2}  # no tree budget of its own
+    spawner = Spawner(redis_conn, load_settings(swarm_config(roles=roles), redis_url=redis_url))
+    root = AgentTask(role="boss", priority=Priority.P1, prompt="x", output_budget=100)
+    sub = AgentTask(
+        role="research",
+        priority=Priority.P1,
+        prompt="x",
+        output_budget=100,
+        metadata={"swarm_root": root.id, "swarm_parent": root.id, "swarm_depth": 1},
+    )
+    one = json.dumps({"tasks": [{"prompt": "y", "budget": 1000, "role": "summarize"}]})
+    assert isinstance(spawner.answer(root, "call_1", one), Waiting)
+    with pytest.raises(SpawnRefused, match="tree budget"):
+        spawner.answer(sub, "call_2", one)  # 500 left of the root's 1500

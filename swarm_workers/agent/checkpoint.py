@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from swarm_workers.errors import LeaseLost
 from swarm_workers.keys import Keys
-from swarm_workers.models import AgentTask, LLMCall, ToolCallRecord, utcnow
+from swarm_workers.models import AgentTask, LLMCall, ToolCallRecord, Usage, utcnow
 
 __all__ = ["BLOB_CHARS", "Checkpoint", "CheckpointStore", "CheckpointWriter"]
 
@@ -59,6 +59,15 @@ class Checkpoint(BaseModel):
     tools: tuple[ToolCallRecord, ...] = ()
     output: str | None = None
     own_model_s: float = 0.0
+
+    @property
+    def usage(self) -> Usage:
+        """What the model calls made so far cost, in tokens."""
+        return Usage(
+            prompt_tokens=sum(c.prompt_tokens for c in self.calls),
+            completion_tokens=sum(c.completion_tokens for c in self.calls),
+            calls=self.calls,
+        )
 
 
 class CheckpointStore:

@@ -157,7 +157,7 @@ class DagHandle:
         for found in self._results.statuses(unknown):
             if found.result is not None:
                 self._recorded[found.task_id] = found.result
-            elif found.state is TaskState.RUNNING:
+            elif found.state in (TaskState.RUNNING, TaskState.WAITING):  # a supervisor
                 running.add(found.task_id)
 
         outcomes: dict[str, Outcome] = {}

@@ -36,8 +36,14 @@ class Sender(Protocol):
         """A spawn round's sub-agents, as a DAG on their roles' queues."""
         ...
 
-    def send_continuation(self, task: AgentTask, message_id: str) -> None:
-        """Another delivery of a supervisor's task, on its own queue."""
+    def position(self) -> str | None:
+        """Where the delivery running in this thread sits in a DAG's canvas (opaque
+        text), or None outside one: kept with a supervisor's ledger when it suspends."""
+        ...
+
+    def send_continuation(self, task: AgentTask, message_id: str, position: str | None) -> None:
+        """Another delivery of a supervisor's task, on its own queue, in `position`: so
+        what depends on the task in its DAG waits for this delivery's outcome."""
         ...
 
 

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import redis
 from pydantic import ValidationError
 
+from swarm_workers.agent.budget import cost_usd
 from swarm_workers.agent.loop import run_agent
 from swarm_workers.deadletters import DeadLetter, is_dead
 from swarm_workers.deadline import Deadline
@@ -45,7 +46,7 @@ from swarm_workers.execution.failpoints import check_failpoints
 from swarm_workers.execution.isolation import RunCrashed, RunDeferred, run_isolated
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.metrics import DEAD_LETTERS, observe_result
-from swarm_workers.models import AgentTask, SwarmTree, TaskResult, Timings, utcnow
+from swarm_workers.models import AgentTask, ErrorInfo, SwarmTree, TaskResult, Timings, utcnow
 from swarm_workers.swarm import Lineage
 from swarm_workers.swarm.tree import build_tree
 
@@ -155,6 +156,8 @@ def _dispatch(task: AgentTask, runtime: Runtime) -> None:
             continue
         if runtime.sender is None:
             raise RuntimeError("this process cannot send sub-agents (no broker sender)")
+        # Before any child can finish: its continuation takes this delivery's place.
+        spawner.hold(task.id, runtime.sender.position())
         runtime.sender.send_children(spawner.prepared(record.dag_id))
         spawner.mark(task.id, f"sent:{record.round}")
 
@@ -171,7 +174,11 @@ def _notify_parent(task: AgentTask, result: TaskResult, runtime: Runtime) -> Non
         return
     if runtime.sender is None:
         raise RuntimeError("this process cannot continue a supervisor (no broker sender)")
-    runtime.sender.send_continuation(checkpoint.task, f"{parent_id}.cont{number}")
+    position = runtime.spawner.position(parent_id)
+    # In a canvas the continuation is the task's own id, as `Task.replace` does, so a
+    # chord counts the task once however many deliveries it takes.
+    message_id = parent_id if position else f"{parent_id}.cont{number}"
+    runtime.sender.send_continuation(checkpoint.task, message_id, position)
     runtime.spawner.mark(parent_id, f"cont:{number}")
     log.info("task %s: last of round %d; supervisor %s continued", task.id, number, parent_id)
 
@@ -199,8 +206,8 @@ def _claim(task: AgentTask, runtime: Runtime, deadline: Deadline) -> Claim | Tas
             log.info("task %s: already recorded, returning the stored result", task.id)
             return begun.result
         if begun.kind == "cancelled":
-            log.info("task %s: cancelled before it ran", task.id)
-            unrun = TaskResult.cancelled_before_run(task, worker=runtime.worker_name)
+            log.info("task %s: cancelled before this delivery ran", task.id)
+            unrun = _cancelled(task, runtime)
             return _with_retries(partial(runtime.claims.record, unrun), runtime)
         if begun.claim is not None:
             return begun.claim
@@ -209,6 +216,35 @@ def _claim(task: AgentTask, runtime: Runtime, deadline: Deadline) -> Claim | Tas
         if deadline.expired():
             raise Requeue(f"task {task.id}: a twin delivery still holds its lease")
         deadline.sleep(min(0.5, max(0.05, begun.busy_for_s)))
+
+
+def _cancelled(task: AgentTask, runtime: Runtime) -> TaskResult:
+    """The outcome of a task cancelled between deliveries. One that ran before (a
+    supervisor cancelled while it waited) reports what its checkpoint says it spent, and
+    its tree, cancelled sub-agents included; else nothing was spent."""
+    unrun = TaskResult.cancelled_before_run(task, worker=runtime.worker_name)
+    state = runtime.checkpoints.load(task.id)
+    if state is None:
+        return unrun
+    model = runtime.settings.model_for(task.role)
+    usage = state.usage
+    return unrun.model_copy(
+        update={
+            "error": ErrorInfo(
+                type="TaskCancelled", message=f"cancelled after {state.steps} step(s)"
+            ),
+            "model": model,
+            "steps": state.steps,
+            "steps_resumed": state.steps,
+            "usage": usage,
+            "tool_calls": state.tools,
+            "cost_usd": cost_usd(
+                runtime.settings.llm.prices, model, usage.prompt_tokens, usage.completion_tokens
+            ),
+            "timings": _timings(task, state.started_at),
+            "swarm": _tree(task, state.started_at, state.own_model_s, runtime),
+        }
+    )
 
 
 def _run(

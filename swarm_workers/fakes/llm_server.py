@@ -27,21 +27,30 @@ Directives, read from the LAST user message; its "turn" is every message after i
                             made again with the given arguments
     REPLY_LEN n             a text reply of exactly n tokens (final answers are padded to n;
                             n <= 200000); for budget stops
-    SPAWN n roles=a,b [rounds=k] [fail=i,j] [| text]
+    TURNS k                 with CALL directives: make the calls again in each of k
+                            assistant turns (each answered by its tool messages) before the
+                            final text, so one task makes k + 1 model calls (default 1)
+    SPAWN n roles=a,b [rounds=k] [fail=i,j] [deps=i:j+k,...] [| text]
                             a supervisor: call ``swarm__spawn`` with n sub-tasks, role i
                             cycling over the roles, prompt "sub-task i of n (round r)"
                             followed by ": text" when given (so "| SPAWN 2 roles=c" nests),
-                            and " REJECT" for the numbers in ``fail``; once answered, spawn
+                            and " REJECT" for the numbers in ``fail``; with ``deps``, the
+                            sub-tasks have ids c1..cn, sub-task i waits for j and k, and its
+                            prompt ends ": ECHO {{ cj.output }} {{ ck.output }}" instead of
+                            the text (so its reply shows what it was given); once answered, spawn
                             again until k rounds (default 1) were made; then a final text
                             "Synthesis: R round(s), N sub-agents, S succeeded, F failed: "
                             with each sub-agent's id, role and first 40 characters of output
                             (from the tool's JSON answer; "Spawn refused: ..." for an error)
     REJECT                  answer 400 (a request the provider refuses), for failing tasks
+    ECHO                    a text reply quoting the last user message whole (capped like
+                            any text): what a prompt became, e.g. after a DAG template
 Rules (SPAWN and REJECT apart), first match wins (``tool_choice: "none"`` disables CALL directives):
     1. a directive names a tool that is not in ``tools`` -> text "Tool not offered: ..."
     2. no assistant ``tool_calls`` in the turn yet -> ``tool_calls`` for every directive,
        ids ``call_<hash>`` derived from the conversation, ``finish_reason="tool_calls"``
     3. exactly one such message so far and some CALL_BAD -> the corrected calls only
+    3b. fewer such messages than TURNS -> the calls again (new ids)
     4. otherwise -> "Tool results: name: content | ..." from the answers to well-formed calls
 As OpenAI does, an assistant ``tool_calls`` message must be followed by a tool message for
 each id, and a tool message must answer one; otherwise 400.
@@ -255,10 +264,12 @@ _ERROR_TYPES = {429: "requests", 403: "permission_error", 404: "not_found_error"
 _REPLY_LEN = re.compile(r"\bREPLY_LEN\s+(\d+)")
 _SPAWN = re.compile(
     r"\bSPAWN\s+(\d+)\s+roles=([\w,-]+)(?:\s+rounds=(\d+))?(?:\s+fail=([\d,]+))?"
-    r"(?:\s*\|\s*(.*))?",
+    r"(?:\s+deps=([\d:+,]+))?(?:\s*\|\s*(.*))?",
     re.DOTALL,
 )
 _REJECT = re.compile(r"\bREJECT\b")
+_ECHO = re.compile(r"\bECHO\b")
+_TURNS = re.compile(r"\bTURNS\s+(\d+)")
 SPAWN_TOOL = "swarm__spawn"
 _MAX_REPLY = 200_000  # tokens; REPLY_LEN is clamped so one request cannot eat the memory
 _PROSE = (
@@ -392,21 +403,28 @@ def _spawn_reply(
     n, roles = int(match[1]), [r for r in match[2].split(",") if r]
     rounds = int(match[3] or 1)
     fail = {int(x) for x in (match[4] or "").split(",") if x}
-    text = (match[5] or "").strip()
+    deps = {
+        int(task): [int(d) for d in needs.split("+") if d]
+        for task, _, needs in (pair.partition(":") for pair in (match[5] or "").split(",") if pair)
+    }
+    text = (match[6] or "").strip()
     made = sum(1 for m in turn if m.role == "assistant" and m.tool_calls)
     answers = [m.text() for m in turn if m.role == "tool"]
     refused = [a for a in answers if not _is_json(a)]
     if made < rounds and not refused:
         r = made + 1
-        tasks = [
-            {
+        tasks: list[dict[str, object]] = []
+        for i in range(1, n + 1):
+            quoted = " ".join(f"{{{{ c{j}.output }}}}" for j in deps.get(i, ()))
+            said = f": ECHO {quoted}" if i in deps else f": {text}" if text else ""
+            task: dict[str, object] = {
                 "role": roles[(i - 1) % len(roles)],
-                "prompt": f"sub-task {i} of {n} (round {r})"
-                + (f": {text}" if text else "")
+                "prompt": f"sub-task {i} of {n} (round {r}){said}"
                 + (" REJECT" if i in fail else ""),
             }
-            for i in range(1, n + 1)
-        ]
+            if deps:
+                task |= {"id": f"c{i}", "deps": [f"c{j}" for j in deps.get(i, ())]}
+            tasks.append(task)
         call = ToolCall(
             id="call_" + hashlib.sha256(f"{digest}:spawn".encode()).hexdigest()[:24],
             function=ToolFunction(name=SPAWN_TOOL, arguments=json.dumps({"tasks": tasks})),
@@ -438,6 +456,8 @@ def compose_reply(request: ChatRequest, config: FakeLLMConfig) -> Reply:
         return _spawn_reply(spawn, request, turn, digest)
     length = min(int(found[1]), _MAX_REPLY) if (found := _REPLY_LEN.search(said)) else None
     cap = request.max_completion_tokens or request.max_tokens
+    if _ECHO.search(said) is not None:
+        return _text_reply(said, digest, None, cap)
     try:
         directives = _parse_directives(said) if request.tool_choice != "none" else []
     except ValueError as exc:
@@ -455,6 +475,8 @@ def compose_reply(request: ChatRequest, config: FakeLLMConfig) -> Reply:
         return _calls_reply(directives, digest, first=True)
     if rounds == 1 and any(d.malformed for d in directives):
         return _calls_reply([d for d in directives if d.malformed], digest, first=False)
+    if (turns := _TURNS.search(said)) is not None and rounds < int(turns[1]):
+        return _calls_reply(directives, digest, first=False)
     names = {
         c.id: c.function.name
         for m in turn

@@ -6,7 +6,8 @@
 --   ARGV[6..] child ids
 --   The round this spawn call opened; the same round when the call is known already (a
 --   resumed run repeats the call): fields call:<id>, dag:<dag id>, round:<r>, left:<r>,
---   w:<r>:<child>.
+--   w:<r>:<child>, and waiting (the open round: the supervisor's state reads `waiting`
+--   until its last child records).
 --   -> round number
 -- ARGV[1] "done": ARGV[2] round  ARGV[3] child id
 --   A child recorded its outcome (idempotent: a redelivered child counts once).
@@ -20,7 +21,7 @@ if ARGV[1] == 'round' then
   end
   local r = redis.call('HINCRBY', KEYS[1], 'rounds', 1)
   redis.call('HSET', KEYS[1], 'call:' .. ARGV[2], r, 'dag:' .. ARGV[3], r,
-             'round:' .. r, ARGV[4], 'left:' .. r, #ARGV - 5)
+             'round:' .. r, ARGV[4], 'left:' .. r, #ARGV - 5, 'waiting', r)
   for i = 6, #ARGV do
     redis.call('HSET', KEYS[1], 'w:' .. r .. ':' .. ARGV[i], 1)
   end
@@ -34,6 +35,9 @@ if redis.call('HDEL', KEYS[1], 'w:' .. r .. ':' .. ARGV[3]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'left:' .. r, -1)
 end
 local left = tonumber(redis.call('HGET', KEYS[1], 'left:' .. r) or '-1')
+if left == 0 and redis.call('HGET', KEYS[1], 'waiting') == r then
+  redis.call('HDEL', KEYS[1], 'waiting')
+end
 if left == 0 and redis.call('HEXISTS', KEYS[1], 'cont:' .. r) == 0 then
   return {first, 1}
 end

@@ -13,8 +13,10 @@ the children's results as the tool's answer (`Ready`).
 Limits (`roles.<r>.spawn`), each refused as a `SpawnRefused` tool error the model reads:
 sub-agents per call, in the root's whole tree, depth (sub-agents that may spawn), and a
 token budget for the whole tree that each child's output budget is drawn from (what it
-did not spend is given back when it records). Priority is inherited; it may be lowered,
-never raised.
+did not spend is given back when it records). The tree's total and budget are checked
+and drawn in one script, once per call (racing deliveries of one call draw once), against
+the root's limit and budget (a sub-supervisor's role cannot widen them). Priority is
+inherited; it may be lowered, never raised.
 
 Redis (names in `keys`): the supervisor's ledger `<p>:spawn:{<id>}` (`ledger.lua`: its
 rounds, the children each waits on, whether the continuation was sent) and the root's
@@ -242,19 +244,19 @@ class Spawner:
                 raise SpawnRefused(f"the fleet is saturated ({exc}); try again later") from None
         tokens = sum(t.output_budget for t in prepared.tasks.values())
         budget = limits.tree_budget if limits.tree_budget is not None else -1
-        drawn, value = self._draw(
+        drawn, value, *limit = self._draw(
             keys=[self.keys.swarm_root(lineage.root)],
-            args=[n, limits.max_total, tokens, budget, self.ttl_s],
+            args=["draw", dag_id, n, limits.max_total, tokens, budget, self.ttl_s],
         )
         if drawn == 0:
             raise SpawnRefused(
                 f"tree limit: {value} sub-agents spawned under this root already, "
-                f"{n} more would pass the limit of {limits.max_total}"
+                f"{n} more would pass the limit of {limit[0] if limit else limits.max_total}"
             )
         if drawn == -1:
             raise SpawnRefused(
                 f"tree budget: these sub-agents' budgets total {tokens} output tokens but "
-                f"only {value} are left of the tree's {budget}; ask for fewer or smaller"
+                f"only {value} are left of the tree's budget; ask for fewer or smaller"
             )
         self.dags.save(prepared.record, prepared.tasks)
         children = tuple(
@@ -400,6 +402,16 @@ class Spawner:
     def mark(self, task_id: str, name: str) -> None:
         self.redis.hset(self.keys.spawn(task_id), name, 1)
 
+    def hold(self, task_id: str, position: str | None) -> None:
+        """Keep where the suspending delivery sat in its DAG's canvas (`Sender.position`),
+        for the continuation to take its place; nothing for a task outside a canvas."""
+        if position is not None:
+            self.redis.hset(self.keys.spawn(task_id), "canvas", position)
+
+    def position(self, task_id: str) -> str | None:
+        raw = self.redis.hget(self.keys.spawn(task_id), "canvas")
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+
     def prepared(self, dag_id: str) -> PreparedDag:
         """A round's children as sent: rebuilt from the DAG store (the same every time)."""
         record = self.dags.record(dag_id)
@@ -422,9 +434,7 @@ class Spawner:
         first, last = self._ledger(
             keys=[self.keys.spawn(lineage.parent)], args=["done", int(number), child.id]
         )
-        if first:
-            unspent = child.output_budget - result.usage.completion_tokens
-            root = self.keys.swarm_root(lineage.root)
-            if unspent > 0 and self.redis.hexists(root, "budget_left"):
-                self.redis.hincrby(root, "budget_left", unspent)
+        unspent = child.output_budget - result.usage.completion_tokens
+        if first and unspent > 0:
+            self._draw(keys=[self.keys.swarm_root(lineage.root)], args=["give", unspent])
         return (lineage.parent, int(number)) if last else None

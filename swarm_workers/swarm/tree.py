@@ -2,7 +2,8 @@
 
 `build_tree` reads a supervisor's ledger (its spawn rounds) and each child's state from
 the result store: a recorded child shows its status, usage, cost and timings (and its
-own sub-agents, from its result); one still running or queued shows as such. The root
+own sub-agents, from its result); one not recorded yet shows as running, waiting (a
+supervisor whose own sub-agents run: it holds no thread) or queued. The root
 stores the finished tree in its `TaskResult.swarm`; `swarm tree ID` builds it live.
 
 Critical path: the supervisor's own model time plus, for each round, its slowest
@@ -18,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from swarm_workers.cancellation import Canceller
 from swarm_workers.models import SubAgent, SwarmTree, TaskResult, TaskState, TaskStatus, utcnow
@@ -88,7 +90,7 @@ def _agent(
             parent=parent,
             round=number,
             depth=depth,
-            status="running" if state is TaskState.RUNNING or nested else "queued",
+            status=_LIVE.get(state, "queued"),
             children=nested,
         )
     return SubAgent(
@@ -106,6 +108,12 @@ def _agent(
         run_s=round(result.timings.run_s, 6),
         children=result.swarm.children if result.swarm is not None else (),
     )
+
+
+_LIVE: dict[TaskState, Literal["running", "waiting"]] = {
+    TaskState.RUNNING: "running",
+    TaskState.WAITING: "waiting",  # between its runs, its own sub-agents at work
+}
 
 
 def _walk(agents: list[SubAgent] | tuple[SubAgent, ...]) -> list[SubAgent]:
