@@ -6,8 +6,9 @@ starts. With every thread waiting on the provider the ideal drain rate is C / 10
 measured rate is the backlog over the span from the first task start to the last task
 finish (from the stored results), which includes the cold start: the worker starting
 its first C tasks at once. "Steady" is the rate once C calls are in flight (see
-`one_run`), the figure a worker serving a steady stream sustains. The worker's RSS (VmRSS sampled every 0.25 s, and
-VmHWM, the kernel's peak) and thread count are read from /proc/<pid>/status.
+`one_run`), the figure a worker serving a steady stream sustains. The worker's RSS
+(VmRSS sampled every 0.25 s, and VmHWM, the kernel's peak) and thread count are read
+from /proc/<pid>/status.
 
 `llm.max_connections` (default: one per pool thread) caps the worker's HTTP
 connections; `--max-connections N` sets it, to see calls wait for a connection.
