@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,24 +106,36 @@ def test_flower_shows_a_task_with_redacted_args(
 
         wait_until(up, 30, "Flower to serve its API")
         assert httpx.get(f"{base}/api/tasks", timeout=2).status_code == 401
-        start_worker()
-        handle = client.submit("the confidential merger memo", priority="P1")
-        assert handle.result(timeout=30).ok
+        start_worker()  # task events off (the default) until Flower turns them on
 
-        def info() -> dict[str, object] | None:
-            response = httpx.get(f"{base}/api/task/info/{handle.id}", auth=auth, timeout=2)
+        def info(task_id: str) -> dict[str, object] | None:
+            response = httpx.get(f"{base}/api/task/info/{task_id}", auth=auth, timeout=2)
             body = response.json() if response.status_code == 200 else None
             return body if body and body.get("state") == "SUCCESS" else None
 
-        wait_until(lambda: info() is not None, 30, "Flower to see the task succeed")
-        task = info()
+        # Flower broadcasts enable_events every 5 s: within a few tasks, it shows them.
+        seen: list[str] = []
+
+        def shown_in_flower() -> bool:
+            handle = client.submit("the confidential merger memo", priority="P1")
+            assert handle.result(timeout=30).ok
+            until = time.monotonic() + 2
+            while time.monotonic() < until:
+                if info(handle.id) is not None:
+                    seen.append(handle.id)
+                    return True
+                time.sleep(0.1)
+            return False
+
+        wait_until(shown_in_flower, 40, "Flower to turn events on and see a task succeed")
+        task = info(seen[0])
         assert task is not None
         assert task["name"] == "swarm.run_agent"
         assert "role=default" in str(task["args"])
         assert "confidential" not in str(task["args"])
         # Its result, as Flower has it: the pointer, sizes and usage, never the output.
         shown = str(task["result"])
-        assert handle.id in shown
+        assert seen[0] in shown
         assert "succeeded" in shown
         assert "output_chars" in shown
         assert "merger" not in shown
