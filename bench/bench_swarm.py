@@ -15,12 +15,13 @@ Every model call takes the fake's fixed latency. Measured, all in the same run:
 - the sub-agent phase: from the spawn (the sub-agents' submission) to the last one's
   recorded end, against the sub-agents' own calls in sequence;
 - worker threads held by the supervisor while it waits: sampled every 20 ms from the
-  moment it released its lease to the moment its sub-agents had all recorded, as the
+  moment it has suspended (it reads `waiting`: its lease released, and its delivery
+  acknowledged) to the moment its sub-agents had all recorded, as the
   supervisor's lease (a run in some thread) plus its delivered, unacknowledged messages;
   a sample counts when the supervisor still reads `waiting` after it was taken (so the
   continuation the last sub-agent sends is not counted as held while waiting).
 
-    python bench/bench_swarm.py --agents 50 --latency-ms 1000 --concurrency 64 --steps 4
+    python bench/bench_swarm.py --agents 50 --latency-ms 1000 --concurrency 64 --steps 5
 """
 
 from __future__ import annotations
@@ -117,8 +118,14 @@ def main() -> int:
                 while not stop.is_set():
                     tree = client.tree(handle.id)
                     if tree is not None and tree.total_agents == args.agents:
-                        if not waiting and client.status(handle.id).state is TaskState.WAITING:
-                            waiting = True  # released: from here on it must hold nothing
+                        if (
+                            not waiting
+                            and client.status(handle.id).state is TaskState.WAITING
+                            and _held(client, handle.id) == 0
+                        ):
+                            # Suspended: its lease released and its delivery acknowledged.
+                            # From here until the round closes it must hold nothing.
+                            waiting = True
                         if all(a.status in ("succeeded", "failed") for a in tree.children):
                             return
                         if waiting:
