@@ -91,6 +91,8 @@ def create_app(settings: Settings) -> SwarmCelery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        # kombu's Redis transport, one client per channel instead of one per command.
+        broker_transport="swarm_workers.broker:Transport",
         broker_transport_options={
             "queue_order_strategy": "sorted",
             "priority_steps": [0],
