@@ -70,6 +70,9 @@ def bare_round(
         cwd=HERE,
     )
     values = [r.get(timeout=900) for r in results]
+    for result in results:
+        result.forget()  # its result-channel subscription ends now, not at interpreter exit
+    del results
     worker.stop()
     app.close()
     return args.tasks / (max(v["finished"] for v in values) - min(v["started"] for v in values))
