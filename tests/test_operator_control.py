@@ -77,6 +77,9 @@ def test_a_task_that_fails_for_good_is_a_dead_letter_and_replays_once(
     assert failed.error is not None
     assert failed.error.type == "ProviderRejected"
 
+    # The letter is kept just after the outcome is recorded (a separate key, another
+    # slot): the result can be read a moment before it.
+    wait_until(lambda: len(client.dead_letters()) == 1, 10, "the dead letter to be kept")
     (letter,) = client.dead_letters()
     assert letter.task.id == handle.id
     assert letter.task.prompt == "doomed for now"
