@@ -201,8 +201,8 @@ def test_the_fleet_never_trips_the_provider_and_p0_still_flows(redis_url: str) -
         f"P2 over the bound {sum(r.status == 'bound' for r in p2)}"
     )
     assert len(p0_waits) >= 20
-    assert max(p0_waits) < 0.5, p0_waits  # P0 still flows...
-    # ...while P2 queues at the bucket: relative, as how long depends on the machine's load.
+    # P0 still flows while P2 queues at the bucket: relative, as how long either waits
+    # depends on the machine's load.
     assert p2_waits[len(p2_waits) // 2] > max(0.2, 10 * max(p0_waits)), (p0_waits, p2_waits)
 
 
@@ -277,8 +277,13 @@ def test_a_celery_worker_fleet_shares_the_bucket(
         f"({tokens / (tpm * elapsed / 60):.1%} of the limit over the run), 429s 0, "
         f"P0 submit-to-result {p0_latency:.2f}s with {len(p2_after)} P2 tasks still behind"
     )
-    assert p0_latency < 5.0
     assert len(p2_after) > 50  # the P0 tasks did not wait for the backlog
+    # ...and waited a small part of what the P2 tasks they overtook waited: relative, as
+    # any latency here depends on the machine's load (a fixed 5 s bound once failed).
+    overtaken = sorted(
+        (r.timings.finished_at - r.timings.submitted_at).total_seconds() for r in p2_after
+    )
+    assert p0_latency < overtaken[len(overtaken) // 2] / 4, (p0_latency, overtaken)
     assert elapsed > 60  # the backlog kept the bucket saturated for a whole window
     assert provider.window_max(provider.tokens) <= tpm * 1.01
     assert provider.window_max(provider.requests) <= rpm * 1.01
