@@ -103,7 +103,7 @@ def test_scaled_objects_ask_for_queued_plus_running_over_concurrency(
             submitted[(role, priority)] = [
                 client.submit(f"{role} {i}", role=role, priority=priority) for i in range(count)
             ]
-        start_worker(["research"], config=config, concurrency=RUNNING)
+        worker = start_worker(["research"], config=config, concurrency=RUNNING)
 
         def states() -> dict[tuple[str, Priority], dict[TaskState, int]]:
             out: dict[tuple[str, Priority], dict[TaskState, int]] = {}
@@ -129,6 +129,9 @@ def test_scaled_objects_ask_for_queued_plus_running_over_concurrency(
     for level in submitted:
         assert snapshot.queued[level] == queued[level], level
         assert snapshot.running[level] == running[level], level
+    # Its tasks wait a minute on the provider and nothing here needs them: no warm
+    # shutdown (20 s of grace at teardown).
+    worker.process.stop(grace=1)
 
     # What each ScaledObject of the example overlay asks for, through the exporter's
     # /load on the URL the ScaledObject names, against the same numbers by hand.
