@@ -13,8 +13,9 @@ import openai
 import pytest
 
 from swarm_workers.agent.clients import LLMClient
-from swarm_workers.config import LLMSettings
+from swarm_workers.config import LLMSettings, load_settings
 from swarm_workers.localfleet import FakeProvider, ProcessGroup, start_fake_llm
+from swarm_workers.worker import _warn_short_of_connections
 
 from .conftest import wait_until
 
@@ -101,3 +102,16 @@ def test_max_connections_below_the_threads_bounds_calls_in_flight(slow: FakeProv
         _ask(llm.openai)  # the slot came back when the first response closed
     finally:
         llm.close()
+
+
+def test_the_worker_warns_when_max_connections_holds_calls_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="swarm_workers.worker"):
+        _warn_short_of_connections(load_settings(None, llm={"max_connections": 512}), 1000)
+        _warn_short_of_connections(load_settings(None, llm={"max_connections": 64}), 64)
+        _warn_short_of_connections(load_settings(None), 1000)
+    assert [r.getMessage() for r in caplog.records] == [
+        "llm.max_connections = 512 for 1000 pool threads: up to 488 model calls will wait "
+        "for a connection; unset it to have one per thread"
+    ]
