@@ -22,13 +22,12 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import redis
-from benchlib import ProcWatch, machine, table, write_json
+from benchlib import ProcWatch, empty, machine, scratch, table, write_json
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.localfleet import (
@@ -37,7 +36,6 @@ from swarm_workers.localfleet import (
     start_fake_llm,
     start_redis,
     start_worker,
-    wait_until,
 )
 from swarm_workers.localfleet.fleet import file_settings
 from swarm_workers.localfleet.toml import write_toml
@@ -157,14 +155,12 @@ def main() -> int:
 
     print(f"machine: {machine()}", flush=True)
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
-        workdir = Path(tmp)
+    with scratch() as (workdir, group):
         server = start_redis(group, workdir)
         fake = start_fake_llm(group, "--latency-ms", str(args.latency_ms))
         flush = redis.Redis.from_url(server.url)
         for concurrency in args.concurrency:
-            flush.flushdb()
-            wait_until(lambda: flush.dbsize() == 0, 5, "an empty Redis")
+            empty(flush)
             t0 = time.monotonic()
             run = one_run(group, workdir, server.url, fake.base_url, concurrency, args)
             run["wall_s"] = time.monotonic() - t0

@@ -22,10 +22,10 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import redis
+from benchlib import empty, scratch
 from celery import Celery
 
 from swarm_workers.client import SwarmClient
@@ -35,7 +35,6 @@ from swarm_workers.localfleet import (
     start_fake_llm,
     start_redis,
     start_worker,
-    wait_until,
 )
 from swarm_workers.localfleet.fleet import file_settings
 from swarm_workers.localfleet.toml import write_toml
@@ -124,8 +123,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
-        workdir = Path(tmp)
+    with scratch() as (workdir, group):
         server = start_redis(group, workdir)
         llm = start_fake_llm(group, "--latency-ms", str(args.latency_ms))
         config = write_toml(
@@ -140,8 +138,7 @@ def main() -> int:
         rates: dict[str, list[float]] = {side: [] for side in SIDES}
         for n in range(args.rounds):
             for side in SIDES if n % 2 == 0 else tuple(reversed(SIDES)):
-                flush.flushdb()
-                wait_until(lambda: flush.dbsize() == 0, 5, "an empty Redis")
+                empty(flush)
                 if side == "bare":
                     rate = bare_round(group, server.url, llm.base_url, args)
                 else:

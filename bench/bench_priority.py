@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import redis
-from benchlib import machine, percentile, table, write_json
+from benchlib import empty, machine, percentile, scratch, table, write_json
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.localfleet import (
@@ -33,7 +32,6 @@ from swarm_workers.localfleet import (
     start_fake_llm,
     start_redis,
     start_worker,
-    wait_until,
 )
 from swarm_workers.localfleet.fleet import file_settings
 from swarm_workers.localfleet.toml import write_toml
@@ -129,8 +127,7 @@ def main() -> int:
 
     print(f"machine: {machine()}", flush=True)
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
-        workdir = Path(tmp)
+    with scratch() as (workdir, group):
         server = start_redis(group, workdir)
         fake = start_fake_llm(group, "--latency-ms", str(args.latency_ms))
         config = write_toml(
@@ -144,8 +141,7 @@ def main() -> int:
         flush = redis.Redis.from_url(server.url)
         for n in range(args.rounds):
             for mode in MODES if n % 2 == 0 else MODES[::-1]:
-                flush.flushdb()
-                wait_until(lambda: flush.dbsize() == 0, 5, "an empty Redis")
+                empty(flush)
                 run = one_run(group, workdir, config, mode, n, args)
                 runs.append(run)
                 print(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from typing import Any
 
 import httpx
 import redis
-from benchlib import RedisCounters, machine, table, write_json
+from benchlib import RedisCounters, machine, scratch, table, write_json
 
 from swarm_workers.client import SwarmClient
 from swarm_workers.dag import Node
@@ -289,8 +288,7 @@ def main() -> int:
 
     print(f"machine: {machine()}", flush=True)
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
-        workdir = Path(tmp)
+    with scratch() as (workdir, group):
         server = start_redis(group, workdir)
         fake = start_fake_llm(group, "--latency-ms", "0")
         httpx.get(f"{fake.root}/_fake/stats", timeout=5).raise_for_status()

@@ -25,18 +25,17 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
-from benchlib import machine, table, write_json
+from benchlib import empty, machine, scratch, table, write_json
 from celery import Celery
 
 from swarm_workers.client import SwarmClient
-from swarm_workers.localfleet import ProcessGroup, child_env, start_redis, wait_until
+from swarm_workers.localfleet import child_env, start_redis
 from swarm_workers.localfleet.fleet import file_settings
 from swarm_workers.localfleet.toml import write_toml
 
@@ -165,8 +164,7 @@ def main() -> int:
 
     print(f"machine: {machine()}", flush=True)
     rates: dict[str, list[float]] = {name: [] for name in SIDES}
-    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
-        workdir = Path(tmp)
+    with scratch() as (workdir, group):
         server = start_redis(group, workdir)
         # Default settings: P1's high-water mark (50,000) is above a round's backlog.
         config = write_toml(workdir / "swarm.toml", {"redis_url": server.url})
@@ -175,8 +173,7 @@ def main() -> int:
         for n in range(args.rounds):
             order = SIDES if n % 2 == 0 else SIDES[::-1]
             for name in order:
-                flush.flushdb()
-                wait_until(lambda: flush.dbsize() == 0, 5, "an empty Redis")
+                empty(flush)
                 rate = side(name, config, app, args)
                 rates[name].append(rate)
                 print(f"round {n + 1} {name:18s} {rate:8.0f} tasks/s", flush=True)

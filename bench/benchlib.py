@@ -1,4 +1,5 @@
-"""What the benchmarks share: percentiles, a process watcher, Redis INFO deltas, tables.
+"""What the benchmarks share: a scratch directory and process group, an emptied Redis,
+percentiles, a process watcher, Redis INFO deltas, tables.
 
 Imported as `benchlib` by the scripts in this directory (run as `python bench/x.py`,
 which puts `bench/` first on `sys.path`).
@@ -14,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,16 +27,35 @@ from typing import Any
 
 import redis
 
+from swarm_workers.localfleet import ProcessGroup, wait_until
+
 __all__ = [
     "ProcWatch",
     "RedisCounters",
+    "empty",
     "machine",
     "percentile",
     "proc_cpu_s",
     "proc_status",
+    "scratch",
     "table",
     "write_json",
 ]
+
+
+@contextmanager
+def scratch() -> Iterator[tuple[Path, ProcessGroup]]:
+    """A temporary directory and a process group logging into it; every process the
+    group started is stopped, and the directory removed, on the way out."""
+    with tempfile.TemporaryDirectory() as tmp, ProcessGroup(log_dir=Path(tmp)) as group:
+        yield Path(tmp), group
+
+
+def empty(client: redis.Redis) -> None:
+    """FLUSHDB, then wait until the server reports it empty: one round's keys gone
+    before the next round starts."""
+    client.flushdb()
+    wait_until(lambda: client.dbsize() == 0, 5, "an empty Redis")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
