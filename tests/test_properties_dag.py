@@ -5,7 +5,6 @@ Redis as it was; every good one plans each node once, after all of its deps."""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,13 +56,6 @@ specs = st.builds(
     on_failure=st.sampled_from(["fail", "skip"]),
     name=st.one_of(st.none(), st.text(max_size=10)),
 )
-
-
-@pytest.fixture(autouse=True)
-def _no_shell_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("SWARM_") or name == "REDIS_URL":
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -33,13 +32,6 @@ PROPERTY = settings(
 # README, "Using it from Python": a submit against a Redis that does not answer fails
 # within one connect (5 s) or read (30 s) timeout of the producer's connections.
 DOCUMENTED_BOUND_S = 35.0
-
-
-@pytest.fixture(autouse=True)
-def _no_shell_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("SWARM_") or name == "REDIS_URL":
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
