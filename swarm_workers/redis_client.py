@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import redis
+from redis.driver_info import DriverInfo
+from redis.utils import get_lib_version
 
 __all__ = ["redis_client"]
+
+
+@cache
+def _driver_info() -> DriverInfo:
+    """What each connection reports in `CLIENT SETINFO`, read from the package metadata
+    once. Left to redis-py, every new connection reads it again (~0.8 ms of file-system
+    search): a worker with 1,000 threads opens up to 1,000 connections as it starts."""
+    return DriverInfo(lib_version=get_lib_version())
 
 
 def redis_client(url: str, *, max_connections: int = 1024, wait_s: float = 20.0) -> redis.Redis:
@@ -21,5 +33,6 @@ def redis_client(url: str, *, max_connections: int = 1024, wait_s: float = 20.0)
         socket_timeout=30,
         socket_connect_timeout=5,
         health_check_interval=25,
+        driver_info=_driver_info(),
     )
     return redis.Redis(connection_pool=pool)
