@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from functools import cache
+from importlib import metadata
 
 import redis
 from redis.driver_info import DriverInfo
-from redis.utils import get_lib_version
 
 __all__ = ["redis_client"]
 
@@ -16,7 +16,7 @@ def _driver_info() -> DriverInfo:
     """What each connection reports in `CLIENT SETINFO`, read from the package metadata
     once. Left to redis-py, every new connection reads it again (~0.8 ms of file-system
     search): a worker with 1,000 threads opens up to 1,000 connections as it starts."""
-    return DriverInfo(lib_version=get_lib_version())
+    return DriverInfo(lib_version=metadata.version("redis"))
 
 
 def redis_client(url: str, *, max_connections: int = 1024, wait_s: float = 20.0) -> redis.Redis:
