@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery import Celery
 from kombu.entity import Exchange, Queue
-from kombu.serialization import dumps
 
 from swarm_workers.config import Settings
 from swarm_workers.models import AgentTask
@@ -139,7 +138,7 @@ def send_agent_tasks(app: SwarmCelery, tasks: Sequence[AgentTask]) -> None:
     """
     redact = app.swarm_settings.redact_prompts
     create = app.amqp.create_task_message
-    pipe = app.swarm_redis.pipeline(transaction=True)
+    by_queue: dict[str, list[str]] = {}
     for task in tasks:
         queue = queue_name(task.priority, task.role)
         argsrepr = task.redacted() if redact else None
@@ -152,12 +151,14 @@ def send_agent_tasks(app: SwarmCelery, tasks: Sequence[AgentTask]) -> None:
             kwargsrepr="{}",
             ignore_result=True,
         )
-        content_type, content_encoding, body = dumps(message.body, serializer="json")
-        raw = body if isinstance(body, bytes) else body.encode(content_encoding)
+        # The body is Celery's `[args, kwargs, embed]` in JSON, as kombu's json serializer
+        # writes it, with the task's JSON the size check already encoded (`wire_json`).
+        _args, kwargs, embed = message.body
+        body = f"[[{task.wire_json}], {json.dumps(kwargs)}, {json.dumps(embed)}]"
         envelope = {
-            "body": base64.b64encode(raw).decode("ascii"),
-            "content-encoding": content_encoding,
-            "content-type": content_type,
+            "body": base64.b64encode(body.encode()).decode("ascii"),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
             "headers": message.headers,
             "properties": {
                 **message.properties,
@@ -171,7 +172,12 @@ def send_agent_tasks(app: SwarmCelery, tasks: Sequence[AgentTask]) -> None:
                 "delivery_tag": str(uuid.uuid4()),
             },
         }
-        pipe.lpush(queue, json.dumps(envelope))
+        by_queue.setdefault(queue, []).append(json.dumps(envelope))
+    # One LPUSH of many values per queue leaves the list as one LPUSH per message would
+    # (in order, each at the head), for one command's cost.
+    pipe = app.swarm_redis.pipeline(transaction=True)
+    for queue, envelopes in by_queue.items():
+        pipe.lpush(queue, *envelopes)
     pipe.execute()
 
 

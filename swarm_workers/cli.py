@@ -169,8 +169,8 @@ def _submit_file(path: Path, config: Path | None) -> None:
     except SwarmError as exc:
         console.print(f"[red]{type(exc).__name__}:[/red] {escape(str(exc))} (nothing was sent)")
         raise typer.Exit(2) from None
-    for handle in handles:
-        typer.echo(handle.id)
+    if handles:
+        typer.echo("\n".join(handle.id for handle in handles))
 
 
 def _stdin_text() -> str:

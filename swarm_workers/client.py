@@ -10,7 +10,6 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -165,7 +164,7 @@ class SwarmClient:
             task = AgentTask(**fields)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        size = len(json.dumps(task.to_wire()).encode())
+        size = len(task.wire_json.encode())
         if size > self.settings.limits.max_payload_bytes:
             raise PayloadTooLarge(size, self.settings.limits.max_payload_bytes)
         return task
@@ -483,6 +482,8 @@ def _checked_budget(budget: object, model: str, context: int) -> int:
 
 
 def _checked_deps(deps: object) -> tuple[object, ...]:
+    if deps == ():  # the default: skips the costly Sequence ABC check on every submit
+        return ()
     if isinstance(deps, str | bytes) or not isinstance(deps, Sequence):
         raise InvalidTask("deps", f"must be a list of task ids, got {_kind(deps)}")
     for i, dep in enumerate(deps):

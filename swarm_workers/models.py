@@ -14,6 +14,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -172,6 +173,13 @@ class AgentTask(_Wire):
     deps: tuple[TaskId, ...] = ()
     metadata: dict[Text, MetadataValue] = Field(default_factory=dict)
     submitted_at: datetime = Field(default_factory=utcnow)
+
+    @cached_property
+    def wire_json(self) -> str:
+        """`to_wire()` as JSON text, encoded once: a producer's size check and the message
+        it sends share it (the task is frozen, so it cannot go stale; pydantic leaves a
+        cached property out of equality and of the dump)."""
+        return self.model_dump_json()
 
     @model_validator(mode="after")
     def _has_input(self) -> AgentTask:

@@ -77,6 +77,20 @@ def test_a_batch_is_sent_whole_and_runs(
     assert len({r.task_id for r in results}) == 30
 
 
+def test_a_batch_over_two_queues_keeps_the_order_of_each(
+    client: SwarmClient, redis_conn: redis.Redis
+) -> None:
+    """Each queue gets its tasks in one LPUSH of many values: a worker (RPOP) must still
+    take them in the order they were submitted."""
+    items = [{"prompt": f"order {i}", "priority": "P1" if i % 3 else "P0"} for i in range(12)]
+    handles = client.submit_many(items)
+    for queue, level in (("p0.default", "P0"), ("p1.default", "P1")):
+        taken = [_decoded(raw)["headers"]["id"] for raw in redis_conn.lrange(queue, 0, -1)][::-1]
+        assert taken == [
+            h.id for h, item in zip(handles, items, strict=True) if item["priority"] == level
+        ]
+
+
 def test_one_bad_item_sends_nothing(client: SwarmClient, redis_conn: redis.Redis) -> None:
     before = _census(redis_conn)
     items: list[dict[str, object]] = [{"prompt": "fine"}, {"prompt": "fine", "priority": "P7"}]

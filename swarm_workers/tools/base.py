@@ -20,9 +20,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import jsonschema
 from pydantic import BaseModel, ConfigDict, TypeAdapter
-from referencing.exceptions import Unresolvable
 
 from swarm_workers.config import RoleSettings
 from swarm_workers.errors import InvalidToolArguments, ToolFailed, ToolNotAllowed, UnknownTool
@@ -129,6 +127,11 @@ def cap(text: str, limit: int) -> str:
 
 def validate_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, Any]) -> None:
     """Check arguments against the tool's JSON Schema; the message names the bad path."""
+    # Imported here: only a worker calling a tool needs it, and its import is ~0.1 s of
+    # every producer's start (`swarm submit` imports this module through the client).
+    import jsonschema
+    from referencing.exceptions import Unresolvable
+
     try:
         jsonschema.validate(arguments, schema)
     except jsonschema.ValidationError as exc:
