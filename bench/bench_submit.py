@@ -12,8 +12,8 @@ over rounds:
 - `swarm submit_many`: batches of `--batch` through `SwarmClient.submit_many` (the same
   validation and admission, all or none per batch).
 
-Then, once, `swarm submit --file tasks.jsonl` as a process (interpreter start and
-imports included), timed from spawn to exit.
+Then `swarm submit --file tasks.jsonl` as a process (interpreter start and imports
+included), timed from spawn to exit, `--file-runs` times: the median.
 
     python bench/bench_submit.py --tasks 2000 --batch-tasks 20000 --batch 1000 --rounds 3
 """
@@ -110,7 +110,11 @@ def side(name: str, config: Path, app: Celery, args: argparse.Namespace) -> floa
         return timed(work)
 
 
-def cli_file(group_dir: Path, config: Path, args: argparse.Namespace) -> dict[str, Any]:
+def cli_file(
+    group_dir: Path, config: Path, flush: redis.Redis, args: argparse.Namespace
+) -> dict[str, Any]:
+    """`swarm submit --file` as a process, `--file-runs` times (Redis emptied before
+    each), and the same interpreter importing what it imports, as often: medians."""
     tasks = group_dir / "tasks.jsonl"
     tasks.write_text(
         "".join(
@@ -120,32 +124,37 @@ def cli_file(group_dir: Path, config: Path, args: argparse.Namespace) -> dict[st
     )
     argv = [sys.executable, "-m", "swarm_workers.cli", "submit", "--file", str(tasks)]
     argv += ["--config", str(config)]
-    start = time.perf_counter()
-    done = subprocess.run(argv, env=child_env(), capture_output=True, timeout=300, check=False)
-    elapsed = time.perf_counter() - start
-    printed = len(done.stdout.splitlines())
+    imports = [sys.executable, "-c", "import swarm_workers.cli, swarm_workers.client"]
+    process_s: list[float] = []
+    import_s: list[float] = []
+    failures: list[str] = []
+    for _ in range(args.file_runs):
+        empty(flush)
+        start = time.perf_counter()
+        done = subprocess.run(argv, env=child_env(), capture_output=True, timeout=300, check=False)
+        process_s.append(time.perf_counter() - start)
+        if done.returncode != 0 or len(done.stdout.splitlines()) != args.file_tasks:
+            stderr = done.stderr.decode(errors="replace")[-300:]
+            failures.append(f"exit {done.returncode}: {stderr}")
+        start = time.perf_counter()
+        subprocess.run(imports, env=child_env(), check=True, timeout=120)
+        import_s.append(time.perf_counter() - start)
     if args.profile is not None:  # the same command again, under pyinstrument
+        empty(flush)
         profiled = [sys.executable, "-m", "pyinstrument", "-o"]
         profiled += [str(args.profile / "swarm_submit_file.txt"), "-m", *argv[2:]]
         subprocess.run(profiled, env=child_env(), capture_output=True, timeout=300, check=False)
-    # The same process with nothing to submit: what the interpreter and imports cost.
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", "import swarm_workers.cli, swarm_workers.client"],
-        env=child_env(),
-        check=True,
-        timeout=120,
-    )
-    startup = time.perf_counter() - start
+    process = statistics.median(process_s)
+    startup = statistics.median(import_s)
     return {
         "tasks": args.file_tasks,
-        "ids_printed": printed,
-        "exit_code": done.returncode,
-        "stderr": done.stderr.decode(errors="replace")[-500:],
-        "process_s": elapsed,
-        "import_s": startup,
-        "tasks_per_s": args.file_tasks / elapsed,
-        "tasks_per_s_after_imports": args.file_tasks / max(1e-9, elapsed - startup),
+        "runs": args.file_runs,
+        "failures": failures,
+        "process_s": process_s,
+        "import_s": import_s,
+        "tasks_per_s": [args.file_tasks / t for t in process_s],
+        "tasks_per_s_median": args.file_tasks / process,
+        "tasks_per_s_after_imports": args.file_tasks / max(1e-9, process - startup),
     }
 
 
@@ -155,6 +164,7 @@ def main() -> int:
     parser.add_argument("--batch-tasks", type=int, default=20000, help="tasks in batches")
     parser.add_argument("--batch", type=int, default=1000, help="tasks per submit_many")
     parser.add_argument("--file-tasks", type=int, default=10000, help="lines in tasks.jsonl")
+    parser.add_argument("--file-runs", type=int, default=5, help="runs of swarm submit --file")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", type=Path, help="pyinstrument the swarm sides into DIR")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -178,7 +188,7 @@ def main() -> int:
                 rates[name].append(rate)
                 print(f"round {n + 1} {name:18s} {rate:8.0f} tasks/s", flush=True)
         flush.flushdb()
-        cli = cli_file(workdir, config, args)
+        cli = cli_file(workdir, config, flush, args)
         flush.close()
         app.close()
     medians = {name: statistics.median(values) for name, values in rates.items()}
@@ -198,10 +208,13 @@ def main() -> int:
             ],
         )
     )
+    rates_file = " / ".join(f"{r:,.0f}" for r in cli["tasks_per_s"])
     print(
-        f"swarm submit --file ({cli['tasks']} lines, exit {cli['exit_code']}): "
-        f"{cli['process_s']:.2f} s as a process = {cli['tasks_per_s']:,.0f} tasks/s; "
-        f"imports alone {cli['import_s']:.2f} s -> {cli['tasks_per_s_after_imports']:,.0f} tasks/s"
+        f"swarm submit --file ({cli['tasks']} lines, {cli['runs']} runs as a process): "
+        f"median {cli['tasks_per_s_median']:,.0f} tasks/s ({rates_file}); imports alone "
+        f"{statistics.median(cli['import_s']):.2f} s (median) -> "
+        f"{cli['tasks_per_s_after_imports']:,.0f} tasks/s after them; failed runs: "
+        f"{len(cli['failures'])}"
     )
     write_json(
         args.json,
@@ -212,7 +225,7 @@ def main() -> int:
             "cli_file": cli,
         },
     )
-    return 0 if cli["exit_code"] == 0 else 1
+    return 0 if not cli["failures"] else 1
 
 
 if __name__ == "__main__":
