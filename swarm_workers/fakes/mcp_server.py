@@ -326,7 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     app, _ = build_http_app(config, host=args.host)
     print(f"fake MCP server {config.name} on http://{args.host}:{args.port}/mcp", file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+    # A client's session holds a stream open for as long as it lives: without a bound,
+    # SIGTERM would wait for every client to hang up (a test's teardown sat 20 s in it).
+    settings = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2
+    )
+    uvicorn.Server(settings).run()
     return 0
 
 
