@@ -482,7 +482,7 @@ def _checked_budget(budget: object, model: str, context: int) -> int:
 
 
 def _checked_deps(deps: object) -> tuple[object, ...]:
-    if deps == ():  # the default: skips the costly Sequence ABC check on every submit
+    if type(deps) is tuple and not deps:  # the default: no Sequence ABC check (costly)
         return ()
     if isinstance(deps, str | bytes) or not isinstance(deps, Sequence):
         raise InvalidTask("deps", f"must be a list of task ids, got {_kind(deps)}")
