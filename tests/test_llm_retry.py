@@ -26,7 +26,13 @@ from swarm_workers.agent.llm import (
     retry_after_s,
 )
 from swarm_workers.config import LLMSettings
-from swarm_workers.errors import ProviderError, ProviderRejected, ProviderUnavailable
+from swarm_workers.deadline import Deadline
+from swarm_workers.errors import (
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+    TimeLimitExceeded,
+)
 from swarm_workers.localfleet import FakeProvider, ProcessGroup, free_port, start_fake_llm
 from swarm_workers.models import Priority
 
@@ -237,6 +243,40 @@ def test_slow_provider_times_out_and_is_retried(call: Call) -> None:
     assert "timed out" in str(failed.value)
     assert 0.6 <= time.monotonic() - started < 5.0
     assert len(call.sleeps) == 1
+
+
+def test_the_task_deadline_caps_the_call_timeout(call: Call) -> None:
+    """A provider that never answers, a client timeout of 30 s and a task with 0.5 s
+    left: the call ends at the deadline, not at the client's timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        settings = _settings(f"http://127.0.0.1:{port}/v1", max_retries=0, timeout_s=30.0)
+        client = build_llm_client(settings)
+        request = ChatRequest(
+            model="fake-gpt",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[],
+            max_tokens=50,
+            priority=Priority.P0,
+            prompt_tokens=10,
+            deadline=Deadline.start(0.5),
+        )
+        started = time.monotonic()
+        try:
+            with pytest.raises((ProviderUnavailable, TimeLimitExceeded)):
+                complete(
+                    client,
+                    request,
+                    limiter=call.limiter,
+                    policy=RetryPolicy.from_settings(settings),
+                    redactor=Redactor(secrets=[KEY], texts=[]),
+                    count_tokens=lambda text: len(text) // 4,
+                )
+        finally:
+            client.close()
+    assert time.monotonic() - started < settings.timeout_s / 2
 
 
 def test_status_classes() -> None:
