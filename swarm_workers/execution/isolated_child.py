@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import signal
 from multiprocessing.connection import Connection
 
+import redis
 from pydantic import TypeAdapter
 
 from swarm_workers.agent.loop import AgentOutcome, run_agent
@@ -23,9 +25,14 @@ from swarm_workers.execution.failpoints import check_failpoints
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.models import AgentTask
 
-__all__ = ["OUTCOME_JSON", "serve"]
+__all__ = ["OUTCOME_JSON", "REDIS_UNAVAILABLE", "serve"]
+
+log = logging.getLogger(__name__)
 
 OUTCOME_JSON = TypeAdapter(AgentOutcome)
+# The child's exit code when Redis failed it (sysexits' EX_TEMPFAIL): the parent raises
+# a `RedisError` as a run in its own thread would, and the message goes back on its queue.
+REDIS_UNAVAILABLE = 75
 _PR_SET_PDEATHSIG = 1
 
 
@@ -60,6 +67,9 @@ def serve(request: bytes, pipe: Connection) -> None:
             durable=runtime.checkpoints.writer(task.id, data.get("token", "")),
             spawner=runtime.spawner,
         )
+    except redis.RedisError:
+        log.exception("task %s: Redis failed its isolated run", task.id)
+        os._exit(REDIS_UNAVAILABLE)
     finally:
         runtime.close()
     pipe.send_bytes(OUTCOME_JSON.dump_json(outcome))

@@ -15,10 +15,11 @@ starts in milliseconds, not in the seconds a fresh interpreter takes to import
 `openai`: a crashed worker's tasks, all suspects at once, must not become a storm of
 interpreters. At most `worker.isolation_slots` children run at a time per worker
 process; a suspect that gets no slot while half its time limit is left goes back on
-the queue uncounted (`RunDeferred`). A child that fails with an exception is an internal error,
-one still running at the task's deadline a time-limit stop: only a child killed by a
-signal is a crash. Settings travel to the child on its pipe, secrets included, never
-on argv.
+the queue uncounted (`RunDeferred`). A child that fails with an exception is an
+internal error, one still running at the task's deadline a time-limit stop: only a
+child killed by a signal is a crash. A child that Redis failed raises a `RedisError` in
+the parent, as a run on the worker's own thread does, and the message goes back on its
+queue. Settings travel to the child on its pipe, secrets included, never on argv.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import redis
 from pydantic import SecretStr
 
 from swarm_workers.agent.loop import AgentOutcome
 from swarm_workers.config import Settings
 from swarm_workers.deadline import Deadline
 from swarm_workers.errors import TimeLimitExceeded
-from swarm_workers.execution.isolated_child import OUTCOME_JSON, serve
+from swarm_workers.execution.isolated_child import OUTCOME_JSON, REDIS_UNAVAILABLE, serve
 from swarm_workers.execution.runtime import Runtime
 from swarm_workers.models import AgentTask
 
@@ -113,6 +115,8 @@ def _in_child(task: AgentTask, runtime: Runtime, deadline: Deadline, token: str)
         code = child.exitcode
         if code is not None and code < 0:
             raise RunCrashed(f"task {task.id}: its isolated run was killed by signal {-code}")
+        if code == REDIS_UNAVAILABLE:
+            raise redis.ConnectionError(f"task {task.id}: Redis failed its isolated run")
         raise RuntimeError(f"isolated run of task {task.id} exited with {code} (see its log)")
     finally:
         ours.close()
