@@ -76,7 +76,11 @@ class Call:
     sleeps: list[float]
 
     def run(
-        self, settings: LLMSettings, prompt: str = "hi REPLY_LEN 5", **kwargs: Any
+        self,
+        settings: LLMSettings,
+        prompt: str = "hi REPLY_LEN 5",
+        deadline: Deadline | None = None,
+        **kwargs: Any,
     ) -> Completion:
         client = build_llm_client(settings)
         try:
@@ -87,6 +91,7 @@ class Call:
                 max_tokens=50,
                 priority=Priority.P0,
                 prompt_tokens=10,
+                deadline=deadline,
             )
 
             def sleep(seconds: float) -> None:
@@ -253,29 +258,9 @@ def test_the_task_deadline_caps_the_call_timeout(call: Call) -> None:
         silent.listen(8)
         port = silent.getsockname()[1]
         settings = _settings(f"http://127.0.0.1:{port}/v1", max_retries=0, timeout_s=30.0)
-        client = build_llm_client(settings)
-        request = ChatRequest(
-            model="fake-gpt",
-            messages=[{"role": "user", "content": "hi"}],
-            tools=[],
-            max_tokens=50,
-            priority=Priority.P0,
-            prompt_tokens=10,
-            deadline=Deadline.start(0.5),
-        )
         started = time.monotonic()
-        try:
-            with pytest.raises((ProviderUnavailable, TimeLimitExceeded)):
-                complete(
-                    client,
-                    request,
-                    limiter=call.limiter,
-                    policy=RetryPolicy.from_settings(settings),
-                    redactor=Redactor(secrets=[KEY], texts=[]),
-                    count_tokens=lambda text: len(text) // 4,
-                )
-        finally:
-            client.close()
+        with pytest.raises((ProviderUnavailable, TimeLimitExceeded)):
+            call.run(settings, deadline=Deadline.start(0.5))
     assert time.monotonic() - started < settings.timeout_s / 2
 
 
