@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,12 +236,18 @@ def test_unreachable_provider_retries_then_gives_up(call: Call) -> None:
     assert len(call.sleeps) == 2
 
 
-def test_slow_provider_times_out_and_is_retried(call: Call) -> None:
-    # A listening socket that never answers: the read timeout fires.
+@contextmanager
+def _silent_port() -> Iterator[int]:
+    """The port of a listening socket that accepts connections and never answers."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        port = silent.getsockname()[1]
+        yield silent.getsockname()[1]
+
+
+def test_slow_provider_times_out_and_is_retried(call: Call) -> None:
+    # A listening socket that never answers: the read timeout fires.
+    with _silent_port() as port:
         settings = _settings(f"http://127.0.0.1:{port}/v1", max_retries=1, timeout_s=0.3)
         started = time.monotonic()
         with pytest.raises(ProviderUnavailable) as failed:
@@ -253,10 +260,7 @@ def test_slow_provider_times_out_and_is_retried(call: Call) -> None:
 def test_the_task_deadline_caps_the_call_timeout(call: Call) -> None:
     """A provider that never answers, a client timeout of 30 s and a task with 0.5 s
     left: the call ends at the deadline, not at the client's timeout."""
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        port = silent.getsockname()[1]
+    with _silent_port() as port:
         settings = _settings(f"http://127.0.0.1:{port}/v1", max_retries=0, timeout_s=30.0)
         started = time.monotonic()
         with pytest.raises((ProviderUnavailable, TimeLimitExceeded)):
