@@ -10,10 +10,18 @@ its first C tasks at once. "Steady" is the rate once C calls are in flight (see
 (VmRSS sampled every 0.25 s, and VmHWM, the kernel's peak) and thread count are read
 from /proc/<pid>/status.
 
+`--stream-s S` measures a stream instead of a backlog: the worker starts idle, and
+tasks arrive at `--stream-over` x the ideal rate for S seconds (paced every 0.1 s). Starts
+and finishes are then spread as a serving worker's are, where a backlog starts C tasks
+in one burst and ends them in another, 10 s later, every wave. Arriving faster than
+the ideal keeps every thread busy once C calls are in flight: "steady" is then the rate
+the worker sustains, and "mean in flight" says how many calls it held over that time.
+
 `llm.max_connections` (default: one per pool thread) caps the worker's HTTP
 connections; `--max-connections N` sets it, to see calls wait for a connection.
 
     python bench/bench_inflight.py --concurrency 250 500 1000 --latency-ms 10000 --waves 3
+    python bench/bench_inflight.py --concurrency 1000 --latency-ms 10000 --stream-s 45
 """
 
 from __future__ import annotations
@@ -57,6 +65,50 @@ def profile(pid: int, concurrency: int, args: argparse.Namespace) -> subprocess.
     )
 
 
+def submit_backlog(client: SwarmClient, count: int) -> list[str]:
+    ids: list[str] = []
+    for start in range(0, count, 1000):
+        items = [
+            {"prompt": f"inflight task {i}", "priority": "P1"}
+            for i in range(start, min(count, start + 1000))
+        ]
+        ids += [h.id for h in client.submit_many(items)]
+    return ids
+
+
+def submit_stream(client: SwarmClient, rate: float, seconds: float) -> list[str]:
+    """`rate` tasks a second for `seconds`, a batch every 0.1 s on a fixed schedule (a
+    late tick catches up: the count at each tick is what the schedule says by then)."""
+    ids: list[str] = []
+    start = time.monotonic()
+    tick = 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        due = int(rate * min(elapsed, seconds))
+        if due > len(ids):
+            items = [{"prompt": f"stream task {i}", "priority": "P1"} for i in range(len(ids), due)]
+            ids += [h.id for h in client.submit_many(items)]
+        tick += 1
+        time.sleep(max(0.0, start + tick * 0.1 - time.monotonic()))
+    return ids
+
+
+def mean_in_flight(results: list[TaskResult], since: float, until: float) -> float:
+    """Calls in flight averaged over [since, until] (epoch seconds), from start and
+    finish times: the integral of (started - finished) over the window, over its length."""
+    if until <= since:
+        return float("nan")
+    events = sorted(
+        [(max(since, r.timings.started_at.timestamp()), 1) for r in results]
+        + [(max(since, r.timings.finished_at.timestamp()), -1) for r in results]
+    )
+    area, level, at = 0.0, 0, since
+    for t, step in events:
+        t = min(t, until)
+        area += level * (t - at)
+        level, at = level + step, t
+    return (area + level * (until - at)) / (until - since)
+
+
 def one_run(
     group: ProcessGroup,
     workdir: Path,
@@ -72,15 +124,11 @@ def one_run(
         workdir / f"swarm-{concurrency}.toml",
         {"redis_url": redis_url, "llm": llm, "roles": {"default": {"concurrency": concurrency}}},
     )
-    count = args.waves * concurrency
+    # At 0 ms nothing bounds the ideal: the rate is then all the CPU allows.
+    ideal = concurrency / (args.latency_ms / 1000) if args.latency_ms > 0 else float("inf")
+    stream = args.stream_s is not None
     with SwarmClient(settings=file_settings(config)) as client:
-        ids: list[str] = []
-        for start in range(0, count, 1000):
-            items = [
-                {"prompt": f"inflight task {i}", "priority": "P1"}
-                for i in range(start, min(count, start + 1000))
-            ]
-            ids += [h.id for h in client.submit_many(items)]
+        ids = [] if stream else submit_backlog(client, args.waves * concurrency)
         worker = start_worker(
             group,
             WorkerSpec(concurrency=concurrency, loglevel="WARNING", heartbeat_interval_s=None),
@@ -90,6 +138,9 @@ def one_run(
             ready_timeout=None,
         )
         with ProcWatch(worker.process.pid) as watch:
+            if stream:
+                worker.wait_ready(60)
+                ids = submit_stream(client, ideal * args.stream_over, args.stream_s)
             results: list[TaskResult] = [client.result(ids[0], timeout=args.timeout)]
             # The first wave is in flight and answered: profile from here on.
             spy = profile(worker.process.pid, concurrency, args)
@@ -97,13 +148,12 @@ def one_run(
         if spy is not None:
             spy.wait(timeout=args.py_spy_s + 60)
         worker.stop()
+    count = len(ids)
     failed = [r for r in results if not r.ok]
     first = min(r.timings.started_at for r in results)
     last = max(r.timings.finished_at for r in results)
     span = (last - first).total_seconds()
     rate = count / span
-    # At 0 ms nothing bounds the ideal: the rate is then all the CPU allows.
-    ideal = concurrency / (args.latency_ms / 1000) if args.latency_ms > 0 else float("inf")
     runs = [r.timings.run_s for r in results]
     starts = sorted(r.timings.started_at for r in results)
     filled = starts[min(concurrency, count) - 1]
@@ -111,6 +161,7 @@ def one_run(
     tail = (starts[-1] - filled).total_seconds()
     steady = (count - concurrency) / tail if count > concurrency and tail > 0 else float("nan")
     return {
+        "mode": f"stream {args.stream_s:g} s at {args.stream_over:g}x" if stream else "backlog",
         "concurrency": concurrency,
         "tasks": count,
         "failed": len(failed),
@@ -129,6 +180,9 @@ def one_run(
         # worker sustains with C calls in flight (Little's law: C / latency at best).
         "steady_per_s": steady,
         "steady_of_ideal": steady / ideal,
+        "steady_mean_in_flight": mean_in_flight(
+            results, filled.timestamp(), starts[-1].timestamp()
+        ),
         "peak_rss_mb": watch.peak_rss_mb,
         "worker_cpu_s": watch.cpu_s,
         "cpu_ms_per_task": watch.cpu_s * 1000 / count,
@@ -144,6 +198,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[250, 500, 1000])
     parser.add_argument("--latency-ms", type=float, default=10_000.0)
     parser.add_argument("--waves", type=int, default=3, help="backlog = waves x concurrency")
+    parser.add_argument(
+        "--stream-s", type=float, help="a stream of this many seconds instead of a backlog"
+    )
+    parser.add_argument(
+        "--stream-over", type=float, default=1.1, help="the stream's rate over the ideal"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="per result, seconds")
     parser.add_argument(
         "--max-connections", type=int, help="set llm.max_connections (default: one per thread)"
@@ -173,10 +233,12 @@ def main() -> int:
                 flush=True,
             )
         flush.close()
-    print(
-        f"\none worker process, provider latency {args.latency_ms / 1000:g} s, "
-        f"backlog {args.waves} x concurrency"
+    arrival = (
+        f"a stream for {args.stream_s:g} s at {args.stream_over:g}x the ideal"
+        if args.stream_s is not None
+        else f"backlog {args.waves} x concurrency"
     )
+    print(f"\none worker process, provider latency {args.latency_ms / 1000:g} s, {arrival}")
     print(
         table(
             [
@@ -186,6 +248,7 @@ def main() -> int:
                 "ideal",
                 "of ideal",
                 "steady (of ideal)",
+                "mean in flight, steady",
                 "task run p50 / max",
                 "first C started in",
                 "peak RSS",
@@ -202,6 +265,7 @@ def main() -> int:
                     f"{r['ideal_per_s']:.0f}",
                     f"{r['of_ideal']:.0%}",
                     f"{r['steady_per_s']:.1f} ({r['steady_of_ideal']:.0%})",
+                    f"{r['steady_mean_in_flight']:.0f}",
                     f"{r['run_s_median']:.1f} / {r['run_s_max']:.1f} s",
                     f"{r['fill_s']:.1f} s",
                     f"{r['peak_rss_mb']:.0f} MB",
