@@ -77,23 +77,33 @@ def test_slow_calls_open_the_breaker(mcp_servers: McpServers, registries: Regist
 
 @pytest.mark.slow
 def test_killed_stdio_server_is_respawned(
-    mcp_servers: McpServers, registries: RegistryFactory
+    mcp_servers: McpServers, registries: RegistryFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    registry = registries({"local": mcp_servers.stdio()}, breaker=BREAKER)
+    # A long request timeout: a wait that only ends when it runs out shows as recovery
+    # taking longer than it.
+    timeout_s = 20.0
+    registry = registries({"local": mcp_servers.stdio(timeout_s=timeout_s)}, breaker=BREAKER)
     assert registry.call("local__add", {"a": 1, "b": 1}, timeout=10).content == "2"
     # Kill the server process the registry spawned.
     children = _children(os.getpid(), "swarm_workers.fakes.mcp_server")
     assert children
+    killed = time.monotonic()
     for child in children:
         os.kill(child, signal.SIGKILL)
 
     def answers() -> bool:
         try:
-            return registry.call("local__add", {"a": 2, "b": 2}, timeout=10).content == "4"
+            return registry.call("local__add", {"a": 2, "b": 2}, timeout=5).content == "4"
         except ToolUnavailable:
             return False
 
-    wait_until(answers, 30, "a respawned stdio server", interval=0.5)
+    wait_until(answers, 3 * timeout_s, "a respawned stdio server", interval=0.5)
+    recovered = time.monotonic() - killed
+    # The lost session's list-changed refresh used to hold the fleet's discovery lock
+    # while it waited for the new session, and the new session listed under that lock
+    # before it let anyone in: both waited until the refresh timed out.
+    assert recovered < timeout_s, f"answered again {recovered:.1f} s after the kill"
+    assert not [r for r in caplog.records if "refresh failed" in r.getMessage()]
     assert registry.breaker.state("local").state == "closed"
 
 

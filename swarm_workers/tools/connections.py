@@ -389,6 +389,16 @@ class ServerConnection:
             if not ok:
                 raise ServerUnavailable(self.name, self.last_error or "cannot connect")
 
+    async def connected(self) -> Client:
+        """The session's client once it is up and listed, waiting at most the server's
+        `timeout_s`.
+
+        Discovery takes its client here before it takes the fleet's listing lock: a
+        lister holding the lock while it waits for a session would hold up that very
+        session, which lists under the same lock before it lets anyone in.
+        """
+        return await self._ready(asyncio.get_running_loop().time() + self.settings.timeout_s)
+
     @contextlib.asynccontextmanager
     async def _mapped(self, limit_s: float) -> AsyncIterator[None]:
         """Re-raise a failure that means "the server is unreachable" as ServerUnavailable;
@@ -494,33 +504,22 @@ class ServerConnection:
             with anyio.fail_after(timeout):
                 return await client.read_resource(uri)
 
-    async def list_tools(
-        self, mode: CacheMode = "use", *, client: Client | None = None
-    ) -> list[Tool]:
-        """Every page of `tools/list`; page one goes through the shared response cache."""
-        timeout = self.settings.timeout_s
-        if client is None:
-            client = await self._ready(asyncio.get_running_loop().time() + timeout)
-        lister = client
-        async with self._mapped(timeout):
-            first = await lister.list_tools(cache_mode=mode)
+    async def list_tools(self, client: Client, mode: CacheMode = "use") -> list[Tool]:
+        """Every page of `tools/list` on `client` (from `connected`, or the new session's
+        own); page one goes through the shared response cache."""
+        async with self._mapped(self.settings.timeout_s):
+            first = await client.list_tools(cache_mode=mode)
             return await _all_pages(
-                first, lambda page: page.tools, lambda c: lister.list_tools(cursor=c)
+                first, lambda page: page.tools, lambda c: client.list_tools(cursor=c)
             )
 
-    async def list_resources(
-        self, mode: CacheMode = "use", *, client: Client | None = None
-    ) -> list[Resource]:
-        timeout = self.settings.timeout_s
-        if client is None:
-            client = await self._ready(asyncio.get_running_loop().time() + timeout)
+    async def list_resources(self, client: Client, mode: CacheMode = "use") -> list[Resource]:
         if client.server_capabilities.resources is None:
             return []
-        lister = client
-        async with self._mapped(timeout):
-            first = await lister.list_resources(cache_mode=mode)
+        async with self._mapped(self.settings.timeout_s):
+            first = await client.list_resources(cache_mode=mode)
             return await _all_pages(
-                first, lambda page: page.resources, lambda c: lister.list_resources(cursor=c)
+                first, lambda page: page.resources, lambda c: client.list_resources(cursor=c)
             )
 
     async def ping(self, budget_s: float) -> float:

@@ -254,15 +254,17 @@ class Discovery:
     async def _discover(
         self, conn: ServerConnection, *, client: Client | None, force: bool
     ) -> None:
+        # The client before the listing lock (see `ServerConnection.connected`).
+        listing_client = client if client is not None else await conn.connected()
         if force and not await self._take_forced_gap(conn.name):
             force = False  # someone in the fleet refetched a moment ago: read their entry
         conn.store.forget("tools/list")
         tools = await self._shared_list(
-            conn, "tools/list", force, lambda mode: conn.list_tools(mode, client=client)
+            conn, "tools/list", force, lambda mode: conn.list_tools(listing_client, mode)
         )
         cached_at = conn.store.stored_at("tools/list")
         resources = await self._shared_list(
-            conn, "resources/list", force, lambda mode: conn.list_resources(mode, client=client)
+            conn, "resources/list", force, lambda mode: conn.list_resources(listing_client, mode)
         )
         listing = server_tools(
             conn.name,
