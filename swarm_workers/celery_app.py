@@ -25,6 +25,7 @@ import redis
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
+from swarm_workers.broker import ring_bell
 from swarm_workers.config import Settings
 from swarm_workers.models import AgentTask
 from swarm_workers.queues import ALL_PRIORITIES, RUN_AGENT, queue_name
@@ -178,6 +179,7 @@ def send_agent_tasks(app: SwarmCelery, tasks: Sequence[AgentTask]) -> None:
     pipe = app.swarm_redis.pipeline(transaction=True)
     for queue, envelopes in by_queue.items():
         pipe.lpush(queue, *envelopes)
+        ring_bell(pipe, queue)  # as the transport's own publish does: wakes an idle worker
     pipe.execute()
 
 

@@ -28,6 +28,11 @@ slot and the scripts run unchanged on Redis Cluster.
 
 Celery and kombu own the queue lists (`p0.<role>` ...), `unacked`, `unacked_index`
 and `celery-task-meta-*` / chord keys; `KOMBU_UNACKED` names the hash this project reads.
+The fleet's transport (`broker`) adds two lists beside each queue, unprefixed as the
+queue is:
+
+    <queue>.bell                      rung by each publish; idle consumers wait on it
+    <queue>.undecodable               messages the transport could not read, kept
 
 >>> keys = Keys("swarm")
 >>> keys.result("t1")
@@ -40,11 +45,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["KOMBU_UNACKED", "KOMBU_UNACKED_INDEX", "Keys"]
+__all__ = ["KOMBU_UNACKED", "KOMBU_UNACKED_INDEX", "Keys", "queue_bell", "queue_undecodable"]
 
 KOMBU_UNACKED = "unacked"
 """kombu's hash of delivered, unacknowledged messages (tasks running now, with prefetch off)."""
 KOMBU_UNACKED_INDEX = "unacked_index"
+
+
+def queue_bell(queue: str) -> str:
+    """The list a publish to `queue` rings and an idle consumer of it waits on.
+
+    >>> queue_bell("p0.research")
+    'p0.research.bell'
+    """
+    return f"{queue}.bell"
+
+
+def queue_undecodable(queue: str) -> str:
+    """Where the transport moves a message on `queue` that is not a kombu message."""
+    return f"{queue}.undecodable"
 
 
 @dataclass(frozen=True)

@@ -344,13 +344,6 @@ class Census:
     recover_what: str
     elapsed_s: float
     extra: dict[str, Any] = field(default_factory=dict)
-    # Lost where only kombu's BRPOP-to-unacked window can lose a message: in no queue,
-    # not in `unacked`, never begun (no lease, no run count). docs/reliability.md.
-    lost_in_kombu_window: int = 0
-
-    @property
-    def lost_by_us(self) -> int:
-        return self.lost - self.lost_in_kombu_window
 
     def emit(self) -> None:
         row = asdict(self) | {"at": datetime.now().isoformat(timespec="seconds")}
@@ -362,10 +355,10 @@ class Census:
 
 
 NEVER_RECEIVED = "unacked=False queued=False lease=0 runs=None"
-# A message is out of every queue and out of `unacked` only for the milliseconds between
-# kombu's BRPOP and its `unacked` record. One seen nowhere this long was lost in that
-# window (docs/reliability.md, finding 3): waiting out the census's timeout for it
-# would only make the suite slower.
+# A task's message is always in a queue or in `unacked` until the task records its result
+# (the transport takes and records it in one step: docs/reliability.md, finding 3). One
+# seen nowhere, never begun, for this long is lost: waiting out the census's timeout for
+# it would only make the failing run slower.
 LOST_AFTER_S = 15.0
 
 
@@ -454,7 +447,7 @@ def take_census(
     if census.lost:
         where = whereabouts(client, [tasks[t] for t in tags if t not in results])
         census.extra["whereabouts"] = where
-        census.lost_in_kombu_window = sum(w == NEVER_RECEIVED for w in where.values())
+        census.extra["never_received"] = sum(w == NEVER_RECEIVED for w in where.values())
     return census, results
 
 
