@@ -4,9 +4,8 @@ kombu's Redis transport takes a message off its queue with BRPOP and only then, 
 second round trip from the worker (`QoS.append`: ZADD `unacked_index` + HSET
 `unacked`), records it as delivered-but-unacknowledged. A worker that dies between the
 two has taken the message out of Redis and written it nowhere: no visibility timeout
-brings it back. Nothing of ours runs in that window (it is before Celery sees the
-message), so the fleet's claims and leases cannot help; only a transport that moves the
-message atomically (BLMOVE into a per-worker list, or streams with XREADGROUP) can.
+brings it back. The fleet's transport (`swarm_workers/broker/`) takes and records in one
+Lua script instead; this script is how both were measured (docs/reliability.md).
 
 This script kills a worker again and again while it consumes a stream of short tasks,
 then lets one worker drain whatever came back, and counts the tasks that never got a
