@@ -17,7 +17,7 @@ import redis
 from swarm_workers import broker
 from swarm_workers.celery_app import create_app
 from swarm_workers.config import load_settings
-from swarm_workers.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, queue_undecodable
+from swarm_workers.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, queue_bell, queue_undecodable
 from swarm_workers.localfleet import wait_until
 
 
@@ -173,3 +173,27 @@ def _publish_raw(client: redis.Redis, queue: str, body: dict[str, Any]) -> None:
         },
     }
     client.lpush(queue, json.dumps(envelope))
+
+
+def test_a_reply_queues_bell_expires_with_it_and_a_deleted_queue_takes_its_bell(
+    redis_url: str,
+) -> None:
+    """Celery's reply queues (`<oid>.reply.celery.pidbox`) are one per client and expire:
+    their bells must not outlive them, one key per client forever."""
+    connection = kombu.Connection(redis_url, transport="swarm_workers.broker:Transport")
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        channel = connection.default_channel
+        channel.queue_declare(queue="c1.reply", arguments={"x-expires": 60_000})
+        _publish(connection, "c1.reply", {"n": 5})
+        assert 0 < raw.pttl(queue_bell("c1.reply")) <= 60_000
+        gone = kombu.Queue("p2.gone", kombu.Exchange("gone"), routing_key="p2.gone")(channel)
+        gone.declare()
+        with connection.Producer() as producer:
+            producer.publish({"n": 6}, exchange="gone", routing_key="p2.gone", serializer="json")
+        assert raw.exists("p2.gone", queue_bell("p2.gone")) == 2
+        gone.delete()
+        assert not raw.exists("p2.gone", queue_bell("p2.gone"))
+    finally:
+        connection.release()
+        raw.close()

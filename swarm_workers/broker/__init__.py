@@ -159,16 +159,27 @@ class Channel(kombu_redis.Channel):
         if batch is not None or self.global_keyprefix:
             super()._put(queue, message, **kwargs)
             if batch is not None and not self.global_keyprefix:
-                ring_bell(batch, self._q_for_pri(queue, self._priority(message)))
+                key = self._q_for_pri(queue, self._priority(message))
+                ring_bell(batch, key, self._expires.get(queue))
             return
         key = self._q_for_pri(queue, self._priority(message))
+        expires = self._expires.get(queue)
         with self.conn_or_acquire() as client, client.pipeline() as pipe:
             pipe.lpush(key, dumps(message))
-            if self._expires and queue in self._expires:
+            if expires is not None:
                 for pri in self.priority_steps:
-                    pipe.pexpire(self._q_for_pri(queue, pri), self._expires[queue])
-            ring_bell(pipe, key)
+                    pipe.pexpire(self._q_for_pri(queue, pri), expires)
+            ring_bell(pipe, key, expires)
             pipe.execute()
+
+    def _delete(
+        self, queue: str, exchange: str, routing_key: str, pattern: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """kombu's delete, and the queue's bells with it (its undecodable list stays)."""
+        super()._delete(queue, exchange, routing_key, pattern, *args, **kwargs)
+        if not self.global_keyprefix:
+            with self.conn_or_acquire(client=kwargs.get("client")) as client:
+                client.delete(*[queue_bell(self._q_for_pri(queue, p)) for p in self.priority_steps])
 
     def _do_restore_message(
         self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
@@ -183,10 +194,13 @@ class Channel(kombu_redis.Channel):
         return int(self._get_message_priority(message, reverse=False))
 
 
-def ring_bell(pipe: Any, queue_key: str) -> None:
-    """Ring `queue_key`'s bell: one element at most, however often it rings."""
+def ring_bell(pipe: Any, queue_key: str, expires_ms: int | None = None) -> None:
+    """Ring `queue_key`'s bell: one element at most, however often it rings. A queue
+    kombu gave an expiry (a reply queue) gives its bell the same one."""
     pipe.lpush(queue_bell(queue_key), 1)
     pipe.ltrim(queue_bell(queue_key), 0, 0)
+    if expires_ms is not None:
+        pipe.pexpire(queue_bell(queue_key), expires_ms)
 
 
 class Transport(kombu_redis.Transport):
