@@ -197,3 +197,25 @@ def test_a_reply_queues_bell_expires_with_it_and_a_deleted_queue_takes_its_bell(
     finally:
         connection.release()
         raw.close()
+
+
+def test_a_consumer_loads_the_take_script_again_after_redis_forgets_it(redis_url: str) -> None:
+    """SCRIPT FLUSH (or a new primary that never saw the script) between two takes."""
+    queue = "p1.flushed"
+    connection, channel = _consumer(redis_url, queue)
+    received: list[Any] = []
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        channel.basic_consume(queue, no_ack=False, consumer_tag="test", callback=received.append)
+        _publish(connection, queue, {"n": 7})
+        connection.drain_events(timeout=10)
+        raw.script_flush()
+        _publish(connection, queue, {"n": 8})
+        deadline = time.monotonic() + 10
+        while len(received) < 2 and time.monotonic() < deadline:
+            with contextlib.suppress(socket.timeout):
+                connection.drain_events(timeout=1)
+        assert [m.decode() for m in received] == [{"n": 7}, {"n": 8}]
+    finally:
+        connection.release()
+        raw.close()

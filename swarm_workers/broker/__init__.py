@@ -119,9 +119,7 @@ class Channel(kombu_redis.Channel):
                 # As kombu: disconnect, so the next round reconnects.
                 self.client.connection.disconnect()
                 raise
-            except redis.ResponseError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
+            except redis.exceptions.NoScriptError:
                 self._take_sha = None  # Redis restarted or flushed its scripts: load again
                 raise Empty() from None
             if bells:
