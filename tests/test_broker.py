@@ -124,10 +124,7 @@ def test_a_message_pushed_without_a_ring_waits_at_most_the_bell_timeout(
             connection.drain_events(timeout=0.5)
         # A producer that writes the list itself, as kombu's own transport would.
         _publish_raw(raw, queue, {"n": 3})
-        deadline = time.monotonic() + 10
-        while not received and time.monotonic() < deadline:
-            with contextlib.suppress(socket.timeout):
-                connection.drain_events(timeout=1)
+        _drain(connection, received, 1)
         assert len(received) == 1
     finally:
         connection.release()
@@ -145,16 +142,21 @@ def test_a_message_that_is_not_kombus_is_kept_aside_and_the_next_is_taken(
         raw.lpush(queue, b"not json at all")
         _publish(connection, queue, {"n": 4})
         channel.basic_consume(queue, no_ack=False, consumer_tag="test", callback=received.append)
-        deadline = time.monotonic() + 10
-        while not received and time.monotonic() < deadline:
-            with contextlib.suppress(socket.timeout):
-                connection.drain_events(timeout=1)
+        _drain(connection, received, 1)
         assert [m.decode() for m in received] == [{"n": 4}]
         assert raw.lrange(queue_undecodable(queue), 0, -1) == [b"not json at all"]
         assert "is not a kombu message" in caplog.text
     finally:
         connection.release()
         raw.close()
+
+
+def _drain(connection: kombu.Connection, received: list[Any], count: int) -> None:
+    """Drain events until `count` messages are received, for at most 10 s."""
+    deadline = time.monotonic() + 10
+    while len(received) < count and time.monotonic() < deadline:
+        with contextlib.suppress(socket.timeout):
+            connection.drain_events(timeout=1)
 
 
 def _publish_raw(client: redis.Redis, queue: str, body: dict[str, Any]) -> None:
@@ -211,10 +213,7 @@ def test_a_consumer_loads_the_take_script_again_after_redis_forgets_it(redis_url
         connection.drain_events(timeout=10)
         raw.script_flush()
         _publish(connection, queue, {"n": 8})
-        deadline = time.monotonic() + 10
-        while len(received) < 2 and time.monotonic() < deadline:
-            with contextlib.suppress(socket.timeout):
-                connection.drain_events(timeout=1)
+        _drain(connection, received, 2)
         assert [m.decode() for m in received] == [{"n": 7}, {"n": 8}]
     finally:
         connection.release()

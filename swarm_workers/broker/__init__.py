@@ -55,7 +55,6 @@ class QoS(kombu_redis.QoS):
         channel: Channel = self.channel
         if channel._recorded == delivery_tag:
             # take.lua recorded it with the pop: only the channel's own bookkeeping.
-            channel._recorded = None
             virtual.QoS.append(self, message, delivery_tag)
         else:  # a basic_get: kombu's record, as before
             super().append(message, delivery_tag)
@@ -67,8 +66,9 @@ class Channel(kombu_redis.Channel):
     _commands: redis.Redis | None = None
     _take_sha: str | None = None
     _recorded: str | None = None  # the tag take.lua just recorded, until QoS.append
-    _bells_next = False  # the last take found every queue empty: wait on the bells
-    _waiting_on_bells = False
+    # The last take found every queue empty: the channel waits on the bells (sent, or
+    # next to send) until they ring or the wait runs out.
+    _on_bells = False
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:  # the BRPOP/pub-sub client: kombu keeps that one itself
@@ -96,8 +96,7 @@ class Channel(kombu_redis.Channel):
         connection = client.connection
         self._in_poll = connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu declares None
-        self._waiting_on_bells = self._bells_next
-        if self._bells_next:
+        if self._on_bells:
             wait = self.brpop_timeout if timeout is None else timeout
             connection.send_command("BRPOP", *[queue_bell(k) for k in keys], wait or 0)
         else:
@@ -109,7 +108,7 @@ class Channel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> bool:
         if self.global_keyprefix:
             return bool(super()._brpop_read(**options))
-        bells = self._waiting_on_bells
+        bells = self._on_bells
         try:
             try:
                 reply = self.client.parse_response(
@@ -123,10 +122,10 @@ class Channel(kombu_redis.Channel):
                 self._take_sha = None  # Redis restarted or flushed its scripts: load again
                 raise Empty() from None
             if bells:
-                self._bells_next = False  # rung, or the wait ran out: take next
+                self._on_bells = False  # rung, or the wait ran out: take next
                 raise Empty()
             if not reply:
-                self._bells_next = True
+                self._on_bells = True
                 raise Empty()
             dest, payload = reply
             queue = bytes_to_str(dest)
@@ -154,14 +153,13 @@ class Channel(kombu_redis.Channel):
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         """kombu's LPUSH, with the queue's bell rung in the same transaction."""
         batch = kwargs.get("_publish_batch")
+        key = self._q_for_pri(queue, self._priority(message))
+        expires = self._expires.get(queue)
         if batch is not None or self.global_keyprefix:
             super()._put(queue, message, **kwargs)
             if batch is not None and not self.global_keyprefix:
-                key = self._q_for_pri(queue, self._priority(message))
-                ring_bell(batch, key, self._expires.get(queue))
+                ring_bell(batch, key, expires)
             return
-        key = self._q_for_pri(queue, self._priority(message))
-        expires = self._expires.get(queue)
         with self.conn_or_acquire() as client, client.pipeline() as pipe:
             pipe.lpush(key, dumps(message))
             if expires is not None:
