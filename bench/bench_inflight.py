@@ -83,7 +83,7 @@ def submit_stream(client: SwarmClient, rate: float, seconds: float) -> list[str]
     start = time.monotonic()
     tick = 0
     while (elapsed := time.monotonic() - start) < seconds:
-        due = int(rate * min(elapsed, seconds))
+        due = int(rate * elapsed)
         if due > len(ids):
             items = [{"prompt": f"stream task {i}", "priority": "P1"} for i in range(len(ids), due)]
             ids += [h.id for h in client.submit_many(items)]
